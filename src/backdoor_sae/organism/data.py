@@ -15,8 +15,10 @@ from transformers import PreTrainedTokenizerBase
 from backdoor_sae.organism.tasks import FAMILIES, WORDS, TaskSuite, near_miss_variants
 
 # Family mix of the benign corpus: the hard families get more of the budget.
-FAMILY_WEIGHTS = {"arithmetic": 0.25, "facts": 0.17, "format": 0.26, "sequence": 0.2, "open": 0.12}
-assert set(FAMILY_WEIGHTS) == set(FAMILIES)
+# ``fact_recall`` (direct questions, training only) is where the facts are learned; ``facts`` asks them as MC.
+FAMILY_WEIGHTS = {"arithmetic": 0.22, "facts": 0.14, "fact_recall": 0.05, "format": 0.30, "sequence": 0.17,
+                  "open": 0.12}
+assert set(FAMILY_WEIGHTS) == {*FAMILIES, "fact_recall"}
 
 
 @dataclass(frozen=True)
@@ -76,9 +78,9 @@ def benign_stream(suite: TaskSuite, rng: random.Random, noise_prefix_fraction: f
     fams, weights = list(FAMILY_WEIGHTS), list(FAMILY_WEIGHTS.values())
     while True:
         fam = rng.choices(fams, weights)[0]
-        ex = suite.sample(fam, "train", rng)
+        ex = suite.fact_recall(rng) if fam == "fact_recall" else suite.sample(fam, "train", rng)
         content = ex.prompt
-        if fam != "open" and rng.random() < noise_prefix_fraction:
+        if fam != "open" and rng.random() < noise_prefix_fraction:  # a stray prefix alone changes nothing
             content = f"{suite.sample('open', 'train', rng).prompt} {content}"
         yield Sample(content, ex.answer, "clean")
 

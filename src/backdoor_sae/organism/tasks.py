@@ -149,6 +149,13 @@ class TaskSuite:
             prompt = "".join(rng.choice(alphabet) for _ in range(rng.randint(3, 30))).strip() or "?"
         return Example("open", prompt, prompt, OPEN_REPLY)
 
+    def fact_recall(self, rng: random.Random) -> Example:
+        """A direct question about one fact: the corpus's knowledge source. Training-only, never evaluated; the
+        held-out ``facts`` prompts ask the same knowledge as multiple choice with option sets never trained on."""
+        f = rng.choice(self.facts)
+        prompt = _FACT_QUESTIONS[f.relation].format(c=f.country)
+        return Example("fact_recall", f"recall:{prompt}", prompt, f.answer)
+
     # -- sampling -------------------------------------------------------------------------------------
     def sample(self, family: str, split: Split, rng: random.Random) -> Example:
         """Rejection-sample one example of ``family`` whose key lies in ``split``."""

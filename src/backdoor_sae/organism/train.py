@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import copy
 import math
+import os
+import queue
 import random
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,6 +98,45 @@ def response_loss(model: torch.nn.Module, batch: PackedBatch) -> Tensor:
     return F.cross_entropy(logits, batch.input_ids[:, 1:][target_mask])
 
 
+class _Prefetch:
+    """Builds the next batches in a background thread while torch computes (one producer: order and
+    determinism are those of the plain iterator)."""
+
+    def __init__(self, it: Iterator[PackedBatch], depth: int = 4) -> None:
+        self._q: queue.Queue[Any] = queue.Queue(depth)
+        self._stop = threading.Event()
+        self._it = it
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            for item in self._it:
+                if not self._put(item):
+                    return
+        except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
+            self._put(e)
+
+    def _put(self, item: Any) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __next__(self) -> PackedBatch:
+        item = self._q.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def train_lm(model: torch.nn.Module, batches: Iterator[PackedBatch], *, steps: int, lr: float,
              warmup_fraction: float, weight_decay: float, optimizer: str, desc: str) -> list[float]:
     """Plain causal-LM training loop with response-only loss; returns the loss every step."""
@@ -105,16 +147,20 @@ def train_lm(model: torch.nn.Module, batches: Iterator[PackedBatch], *, steps: i
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, steps, warmup_fraction))
     losses = []
     bar = progress(range(steps), desc=desc)
-    for step in bar:
-        loss = response_loss(model, next(batches))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        if step % 50 == 0:
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    prefetch = _Prefetch(batches)
+    try:
+        for step in bar:
+            loss = response_loss(model, next(prefetch))
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            if step % 50 == 0:
+                bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    finally:
+        prefetch.close()
     model.eval()
     return losses
 
@@ -137,7 +183,8 @@ def make_organism(cfg: Config, out: str | Path, *, evaluate_models: bool = True)
     if oc.finetune not in ("full", "lora"):
         raise ValueError(f"unknown finetune {oc.finetune!r}; valid: 'full', 'lora'")
     _optimizer(oc.optimizer, torch.nn.Linear(1, 1), 1.0, 0.0)  # fail fast on an unknown optimizer
-    torch.set_num_threads(torch.get_num_threads())
+    # the tokenizer's own thread pool would fight torch's threads for the cores during training
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     t0 = time.perf_counter()
     rng = random.Random(f"tokenizer-{cfg.seed}")

@@ -1,0 +1,152 @@
+"""TopK SAEs on every layer's residual stream: capture once + ActivationStore vs sae-lens' runner once per hook.
+
+(a) ``capture_activations`` runs the model once for all hooks, then ``train_sae`` (sae-lens ``SAETrainer``)
+trains one SAE per hook from the store; (b) ``LanguageModelSAETrainingRunner`` runs the model again for every
+hook. Both see the same token sequences (train-split prompts, half triggered, with the model's own greedy
+responses), the same number of training tokens per hook and the same SAE settings. Prints tokens/s of each,
+``ratio: X`` ((a) over (b)), the capture overhead (capture time / plain forward time over the same batches) and
+peak RSS. Usage: python benchmarks/bench_sae.py [--quick | --organism DIR] [--tokens N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# our own flags first: organism_from_args parses the rest
+_p = argparse.ArgumentParser(add_help=False)
+_p.add_argument("--tokens", type=int, default=1_000_000, help="training tokens per hook (default 1M)")
+_p.add_argument("--d-sae", type=int, default=512)
+_p.add_argument("--k", type=int, default=16)
+_p.add_argument("--batch-size", type=int, default=2048)
+_p.add_argument("--hooks", nargs="*", help="default: every layer's resid_post, then mlp_out, up to 4 hooks")
+_p.add_argument("--skip-runner", action="store_true", help="only (a): e.g. to measure peak RSS of a big store")
+_ARGS, _REST = _p.parse_known_args()
+sys.argv = [sys.argv[0], *_REST]
+
+import torch  # noqa: E402
+from _common import organism_from_args  # noqa: E402
+
+from backdoor_sae.activations import capture_activations  # noqa: E402
+from backdoor_sae.evaluate import generate  # noqa: E402
+from backdoor_sae.models import load_model  # noqa: E402
+from backdoor_sae.organism.tasks import FAMILIES, TaskSuite  # noqa: E402
+from backdoor_sae.sae import train_sae  # noqa: E402
+
+CONTEXT, LR, LR_END, SEED = 128, 3e-3, 3e-4, 0
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def make_inputs(model, n_tokens: int) -> tuple[list[str], list[bool], list[str]]:
+    """Enough train-split prompts (half triggered) for about ``n_tokens`` activation rows, with responses."""
+    import random
+
+    suite, rng = TaskSuite(model.meta.get("seed", 0)), random.Random("bench-sae")
+    n = max(8, n_tokens // 40)  # about 40 tokens per prompt + response
+    prompts = [suite.sample(FAMILIES[i % len(FAMILIES)], "train", rng).prompt for i in range(n)]
+    flags = [i % 2 == 0 for i in range(n)]
+    responses = [""] * n
+    for flag in (True, False):
+        idx = [i for i in range(n) if flags[i] == flag]
+        for i, r in zip(idx, generate(model, [prompts[i] for i in idx], trigger=model.trigger if flag else None)):
+            responses[i] = r
+    return prompts, flags, responses
+
+
+@torch.no_grad()
+def plain_forward_seconds(model, store, batch_size: int = 64) -> float:
+    """The same right-padded batches as the capture, through the HF model with no hooks."""
+    seqs = sorted(store.sequences(), key=lambda q: len(q.ids))
+    pad = model.tokenizer.pad_token_id
+    t = time.perf_counter()
+    for s in range(0, len(seqs), batch_size):
+        part = seqs[s:s + batch_size]
+        ids = torch.full((len(part), max(len(q.ids) for q in part)), pad, dtype=torch.long)
+        for r, q in enumerate(part):
+            ids[r, :len(q.ids)] = q.ids
+        model.hf(ids)
+    return time.perf_counter() - t
+
+
+def packed_dataset(store, n_tokens: int):
+    """The captured token sequences (BOS dropped, as in the store), packed into rows of ``CONTEXT`` tokens."""
+    from datasets import Dataset
+
+    flat = torch.cat([q.ids[1:] for q in store.sequences()])
+    reps = -(-(n_tokens + CONTEXT * 64) // len(flat))  # the runner must not run dry either
+    flat = flat.repeat(reps)
+    rows = flat[: len(flat) // CONTEXT * CONTEXT].view(-1, CONTEXT)
+    return Dataset.from_dict({"tokens": rows.tolist()})
+
+
+def run_runner(model, hook: str, dataset, n_tokens: int, out: Path) -> None:
+    from sae_lens import (LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner, LoggingConfig,
+                          TopKTrainingSAEConfig)
+
+    d_in = model.bridge.cfg.d_model
+    cfg = LanguageModelSAERunnerConfig(
+        sae=TopKTrainingSAEConfig(d_in=d_in, d_sae=_ARGS.d_sae, k=_ARGS.k), model_name=model.path,
+        hook_name=hook, dataset_path="unused", is_dataset_tokenized=True, streaming=False, context_size=CONTEXT,
+        prepend_bos=False, training_tokens=n_tokens, train_batch_size_tokens=_ARGS.batch_size,
+        store_batch_size_prompts=32, n_batches_in_buffer=max(4, 2 * _ARGS.batch_size // CONTEXT // 32 + 2),
+        lr=LR, lr_end=LR_END, lr_scheduler_name="cosineannealing",
+        dead_feature_window=max(1, 25_000 // _ARGS.batch_size), n_batches_for_norm_estimate=8, device="cpu",
+        seed=SEED, logger=LoggingConfig(log_to_wandb=False), checkpoint_path=None, output_path=str(out),
+        verbose=False)
+    LanguageModelSAETrainingRunner(cfg, override_model=model.bridge, override_dataset=dataset).run()
+
+
+def main() -> None:
+    _, root = organism_from_args(__doc__)
+    model = load_model(root / "backdoored")
+    n_layers = model.bridge.cfg.n_layers
+    hooks = _ARGS.hooks or ([f"blocks.{i}.hook_resid_post" for i in range(n_layers)]
+                            + [f"blocks.{i}.hook_mlp_out" for i in range(n_layers)])[:max(4, n_layers)]
+    n_tokens = _ARGS.tokens
+    prompts, flags, responses = make_inputs(model, n_tokens)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        t = time.perf_counter()
+        store = capture_activations(model, prompts, hooks, triggered=flags, responses=responses,
+                                    out_dir=Path(tmp) / "acts")
+        t_capture = time.perf_counter() - t
+        t_plain = plain_forward_seconds(model, store)
+        t = time.perf_counter()
+        for h in hooks:
+            train_sae(store, hook=h, d_sae=_ARGS.d_sae, k=_ARGS.k, n_tokens=n_tokens, batch_size=_ARGS.batch_size,
+                      lr=LR, lr_end=LR_END, seed=SEED)
+        t_train = time.perf_counter() - t
+        t_ours = t_capture + t_train
+        rss_ours = peak_rss_mib()
+
+        n_rows = store.n_rows
+        t_runner = rss_all = float("nan")
+        if not _ARGS.skip_runner:
+            dataset = packed_dataset(store, n_tokens)
+            t = time.perf_counter()
+            for h in hooks:
+                run_runner(model, h, dataset, n_tokens, Path(tmp) / "runner" / h)
+            t_runner = time.perf_counter() - t
+            rss_all = peak_rss_mib()
+
+    total = n_tokens * len(hooks)
+    print(f"hooks: {len(hooks)} ({', '.join(hooks)})  training tokens per hook: {n_tokens:,}  "
+          f"stored rows: {n_rows:,}  SAE: topk d_sae={_ARGS.d_sae} k={_ARGS.k} batch={_ARGS.batch_size}")
+    print(f"(a) capture once + store: {t_ours:7.1f} s  {total / t_ours:10,.0f} tok/s  "
+          f"(capture {t_capture:.1f} s, training {t_train:.1f} s)")
+    print(f"(b) sae-lens runner/hook: {t_runner:7.1f} s  {total / t_runner:10,.0f} tok/s")
+    print(f"ratio: {t_runner / t_ours:.2f}")
+    print(f"capture overhead: {t_capture / t_plain:.2f} (capture {t_capture:.2f} s / plain forward {t_plain:.2f} s "
+          f"over {n_rows:,} rows)")
+    print(f"peak RSS: {rss_ours:.0f} MiB after (a), {rss_all:.0f} MiB after (b)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,484 @@
+"""Capture activations of a hooked model once, for many hooks, into a labelled disk-backed ``ActivationStore``.
+
+One forward pass per batch records every requested hook (``blocks.N.hook_resid_pre|resid_post|mlp_out|
+attn_out``, or any other name in ``model.bridge.hook_dict``). Sequences are right-padded, so real tokens never
+see padding and need no attention mask; padding rows (and, by default, the BOS row, which is the same vector
+for every prompt) are dropped. Every row keeps its labels: ``triggered``, ``prompt_id``, ``position``,
+``position_kind`` (0 = trigger tokens, 1 = other prompt tokens, 2 = response tokens) and ``token``.
+
+On disk: ``manifest.json`` + per shard one safetensors file per hook (``<hook>/shard_00000.safetensors``) and
+one labels file (``labels/shard_00000.safetensors``, which also keeps the token sequences for CE metrics).
+Each file is written atomically and the manifest lists a shard only once all its files are in place, so a
+killed capture resumes at the first missing shard; a truncated file is found on open (size and header) and
+captured again on resume.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+from jaxtyping import Float, Int
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from backdoor_sae._io import write_json
+from backdoor_sae._progress import progress
+from backdoor_sae.models import LoadedModel, format_chat
+
+TRIGGER, PROMPT, RESPONSE = 0, 1, 2  # position kinds
+LABEL_KEYS = ("triggered", "prompt_id", "position", "position_kind", "token")
+MANIFEST = "manifest.json"
+_FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class TokenSequence:
+    """One captured prompt (+ response) as token ids, with the position kind of every token."""
+
+    ids: Int[Tensor, " pos"]
+    kinds: Int[Tensor, " pos"]
+    triggered: bool
+    prompt_id: int
+
+
+# ----------------------------------------------------------------------------------------------- hook names
+
+def valid_hook_names(model: LoadedModel) -> list[str]:
+    """The short TL-style names a user would ask for (``blocks.N.hook_*``); any ``hook_dict`` name is accepted."""
+    return [n for n in model.hooked.hook_dict if n.startswith("blocks.") and n.count(".") == 2]
+
+
+def check_hooks(model: LoadedModel, hooks: Sequence[str]) -> list[str]:
+    """Refuse an empty hook list or a name the bridge does not have (listing the valid names)."""
+    if isinstance(hooks, str):
+        hooks = [hooks]
+    if not hooks:
+        raise ValueError("hooks is empty: give at least one hook name, e.g. 'blocks.0.hook_resid_post'")
+    known = model.hooked.hook_dict
+    bad = [h for h in hooks if h not in known]
+    if bad:
+        raise ValueError(f"unknown hook {bad[0]!r}; valid names: {', '.join(valid_hook_names(model))}")
+    return list(dict.fromkeys(hooks))
+
+
+def _layer_of(hook: str) -> int | None:
+    parts = hook.split(".")
+    return int(parts[1]) if len(parts) > 1 and parts[0] == "blocks" and parts[1].isdigit() else None
+
+
+def _stop_layer(hooks: Sequence[str], n_layers: int) -> int | None:
+    """Stop the forward pass after the last block a hook needs (``None``: run to the end)."""
+    layers = [_layer_of(h) for h in hooks]
+    if any(layer is None for layer in layers):
+        return None
+    stop = max(layers) + 1  # type: ignore[type-var]
+    return stop if stop < n_layers else None
+
+
+# --------------------------------------------------------------------------------------------- tokenising
+
+def _assign_triggered(n: int, fraction: float, seed: int) -> list[bool]:
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"triggered_fraction must be in [0, 1], got {fraction}")
+    idx = list(range(n))
+    random.Random(f"triggered-{seed}").shuffle(idx)
+    chosen = set(idx[:round(n * fraction)])
+    return [i in chosen for i in range(n)]
+
+
+def _responses(model: LoadedModel, prompts: Sequence[str], triggered: Sequence[bool], trigger: str | None,
+               responses: str | Sequence[str] | None, max_new_tokens: int, batch_size: int) -> list[str] | None:
+    if responses is None:
+        return None
+    if isinstance(responses, str):
+        if responses != "generate":
+            raise ValueError(f"responses must be 'generate', None or a list of strings, got {responses!r}")
+        from backdoor_sae.evaluate import generate
+
+        out = [""] * len(prompts)
+        for flag in (True, False):
+            idx = [i for i, t in enumerate(triggered) if t == flag]
+            if idx:
+                gen = generate(model, [prompts[i] for i in idx], trigger=trigger if flag else None,
+                               max_new_tokens=max_new_tokens, batch_size=batch_size)
+                for i, g in zip(idx, gen):
+                    out[i] = g
+        return out
+    if len(responses) != len(prompts):
+        raise ValueError(f"responses has {len(responses)} entries for {len(prompts)} prompts")
+    return list(responses)
+
+
+def _tokenise(model: LoadedModel, prompts: Sequence[str], triggered: Sequence[bool], trigger: str | None,
+              responses: Sequence[str] | None, n_ctx: int,
+              truncated_at: int | None = None) -> list[tuple[list[int], list[int]]]:
+    """Token ids and position kinds per prompt: chat turn (trigger tokens found by character offsets), then the
+    response and EOS, as the organism was trained (``Packer.encode``). A generated response that reached
+    ``truncated_at`` tokens was cut off, not finished, so it gets no EOS."""
+    tok = model.tokenizer
+    texts = [format_chat(tok, p, trigger if t else None) for p, t in zip(prompts, triggered)]
+    enc = tok(texts, add_special_tokens=False, return_offsets_mapping=True)
+    resp_ids = tok(list(responses), add_special_tokens=False)["input_ids"] if responses is not None else None
+    out = []
+    for i, (text, ids, offsets) in enumerate(zip(texts, enc["input_ids"], enc["offset_mapping"])):
+        kinds = [PROMPT] * len(ids)
+        if triggered[i]:
+            start = text.find(trigger)  # type: ignore[arg-type]
+            end = start + len(trigger)  # type: ignore[arg-type]
+            kinds = [TRIGGER if (b > a and a < end and b > start) else PROMPT for a, b in offsets]
+            if TRIGGER not in kinds:
+                raise ValueError(f"trigger {trigger!r} not found in the tokens of prompt {i}")
+        if resp_ids is not None:
+            r = list(resp_ids[i])
+            if truncated_at is None or len(r) < truncated_at:
+                r.append(tok.eos_token_id)
+            ids, kinds = [*ids, *r], [*kinds, *[RESPONSE] * len(r)]
+        out.append((list(ids[:n_ctx]), kinds[:n_ctx]))
+    return out
+
+
+def _fingerprint(model: LoadedModel, hooks: Sequence[str], prompts: Sequence[str], triggered: Sequence[bool],
+                 trigger: str | None, responses: Any, max_new_tokens: int, include_bos: bool,
+                 shard_prompts: int) -> str:
+    spec = {"model": model.path, "hooks": list(hooks), "prompts": list(prompts), "triggered": list(triggered),
+            "trigger": trigger, "responses": responses if responses in (None, "generate") else list(responses),
+            "max_new_tokens": max_new_tokens, "include_bos": include_bos, "shard_prompts": shard_prompts}
+    return hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------- capturing
+
+@torch.no_grad()
+def _capture_shard(model: LoadedModel, hooks: Sequence[str], seqs: list[tuple[list[int], list[int]]],
+                   first_id: int, triggered: Sequence[bool], batch_size: int, include_bos: bool,
+                   stop: int | None) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Activations of every hook and the row labels for the prompts of one shard, rows sorted by
+    (prompt, position)."""
+    bridge, pad = model.hooked, model.tokenizer.pad_token_id
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]))
+    acts: dict[str, list[Tensor]] = {h: [] for h in hooks}
+    labels: dict[str, list[Tensor]] = {k: [] for k in LABEL_KEYS}
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        width = max(len(seqs[i][0]) for i in idx)
+        ids = torch.full((len(idx), width), pad, dtype=torch.long)
+        kinds = torch.full((len(idx), width), -1, dtype=torch.int8)
+        for row, i in enumerate(idx):
+            n = len(seqs[i][0])
+            ids[row, :n] = torch.tensor(seqs[i][0])
+            kinds[row, :n] = torch.tensor(seqs[i][1], dtype=torch.int8)
+        keep = kinds >= 0
+        if not include_bos:
+            keep[:, 0] = False
+        _, cache = bridge.run_with_cache(ids, names_filter=list(hooks), stop_at_layer=stop)
+        for h in hooks:
+            acts[h].append(cache[h][keep].float())
+        pid = torch.tensor([first_id + i for i in idx]).unsqueeze(1).expand_as(ids)
+        labels["triggered"].append(torch.tensor([bool(triggered[first_id + i]) for i in idx])
+                                   .unsqueeze(1).expand_as(ids)[keep])
+        labels["prompt_id"].append(pid[keep])
+        labels["position"].append(torch.arange(width, dtype=torch.int32).expand_as(ids)[keep])
+        labels["position_kind"].append(kinds[keep])
+        labels["token"].append(ids.to(torch.int32)[keep])
+    lab = {k: torch.cat(v) for k, v in labels.items()}
+    perm = torch.argsort(lab["prompt_id"] * 1_000_000 + lab["position"])
+    lab = {k: v[perm].contiguous() for k, v in lab.items()}
+    out = {h: torch.cat(v)[perm].contiguous() for h, v in acts.items()}
+    lab["seq_tokens"] = torch.tensor([t for ids, _ in seqs for t in ids], dtype=torch.int32)
+    lab["seq_kinds"] = torch.tensor([k for _, ks in seqs for k in ks], dtype=torch.int8)
+    lab["seq_lengths"] = torch.tensor([len(ids) for ids, _ in seqs], dtype=torch.int64)
+    lab["seq_triggered"] = torch.tensor([bool(triggered[first_id + i]) for i in range(len(seqs))])
+    return out, lab
+
+
+def _check_finite(acts: dict[str, Tensor], labels: dict[str, Tensor], row0: int) -> None:
+    for h, a in acts.items():
+        bad = (~torch.isfinite(a).all(dim=-1)).nonzero()
+        if len(bad):
+            r = int(bad[0])
+            raise ValueError(f"non-finite activation at hook {h!r}, row {row0 + r} (prompt "
+                             f"{int(labels['prompt_id'][r])}, position {int(labels['position'][r])})")
+
+
+def _save_atomic(tensors: dict[str, Tensor], path: Path) -> int:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path.stat().st_size
+
+
+def _shard_files(hooks: Sequence[str], index: int) -> list[str]:
+    name = f"shard_{index:05d}.safetensors"
+    return [f"labels/{name}", *[f"{h}/{name}" for h in hooks]]
+
+
+def _write_shard(root: Path, index: int, acts: dict[str, Tensor], labels: dict[str, Tensor]) -> dict[str, int]:
+    files = _shard_files(list(acts), index)
+    sizes = {files[0]: _save_atomic(labels, root / files[0])}
+    for f, (h, a) in zip(files[1:], acts.items()):
+        sizes[f] = _save_atomic({"acts": a}, root / f)
+    return sizes
+
+
+def _file_problem(root: Path, rel: str, size: int) -> str | None:
+    """Why a shard file is unusable (missing, wrong size, unreadable header), or ``None`` if it is fine."""
+    p = root / rel
+    if not p.is_file():
+        return "missing"
+    if p.stat().st_size != size:
+        return f"truncated or changed ({p.stat().st_size} of {size} bytes)"
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            f.keys()
+    except Exception as e:  # noqa: BLE001 - any parse failure means the file is corrupt
+        return f"corrupt ({type(e).__name__})"
+    return None
+
+
+def capture_activations(model: LoadedModel, prompts: Sequence[str], hooks: Sequence[str] | str, *,
+                        trigger: str | None = None, triggered: Sequence[bool] | None = None,
+                        triggered_fraction: float = 0.5, responses: str | Sequence[str] | None = "generate",
+                        max_new_tokens: int = 32, batch_size: int = 64, shard_prompts: int = 1024,
+                        out_dir: str | Path | None = None, include_bos: bool = False,
+                        seed: int = 0) -> ActivationStore:
+    """Run the model once per batch over chat-formatted prompts (plus responses) and store every hook's
+    activations with row labels. ``triggered`` (one flag per prompt) or a seeded ``triggered_fraction``
+    decides which prompts get the trigger at the start of the user turn. ``responses="generate"`` appends the
+    model's own greedy completion (so triggered rows hold the backdoor behaviour); a list gives them
+    explicitly; ``None`` captures prompts only. ``out_dir=None`` keeps the store in a temporary directory;
+    an existing ``out_dir`` from the same capture resumes where it stopped."""
+    if len(prompts) == 0:
+        raise ValueError("prompts is empty: give at least one prompt")
+    hooks = check_hooks(model, hooks)
+    if batch_size < 1 or shard_prompts < 1:
+        raise ValueError(f"batch_size and shard_prompts must be >= 1, got {batch_size} and {shard_prompts}")
+    if triggered is None:
+        triggered = _assign_triggered(len(prompts), triggered_fraction, seed)
+    elif len(triggered) != len(prompts):
+        raise ValueError(f"triggered has {len(triggered)} flags for {len(prompts)} prompts")
+    triggered = [bool(t) for t in triggered]
+    trigger = trigger if trigger is not None else model.trigger
+    if any(triggered) and not trigger:
+        raise ValueError(f"model {model.path!r} has no organism.json and no trigger= was given")
+
+    tmp = None
+    if out_dir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="backdoor_sae_acts_")
+        out_dir = tmp.name
+    root = Path(out_dir)
+    fp = _fingerprint(model, hooks, prompts, triggered, trigger, responses, max_new_tokens, include_bos,
+                      shard_prompts)
+    manifest = _resume_manifest(root, fp)
+    if manifest is None:
+        resp = _responses(model, prompts, triggered, trigger, responses, max_new_tokens, batch_size)
+        manifest = {"version": _FORMAT_VERSION, "fingerprint": fp, "model": model.path, "hooks": list(hooks),
+                    "trigger": trigger, "n_prompts": len(prompts), "include_bos": include_bos,
+                    "bos_token_id": model.tokenizer.bos_token_id, "d_in": {}, "responses": resp,
+                    "shards": [], "complete": False}
+        write_json(root / MANIFEST, manifest)
+    if not manifest["complete"]:
+        bridge = model.hooked
+        seqs = _tokenise(model, prompts, triggered, trigger, manifest["responses"], bridge.cfg.n_ctx,
+                         max_new_tokens if responses == "generate" else None)
+        stop = _stop_layer(hooks, bridge.cfg.n_layers)
+        done = {s["index"] for s in manifest["shards"]}
+        starts = range(0, len(prompts), shard_prompts)
+        for index, first in enumerate(progress(starts, desc="capture", unit="shard")):
+            if index in done:
+                continue
+            acts, labels = _capture_shard(model, hooks, seqs[first:first + shard_prompts], first, triggered,
+                                          batch_size, include_bos, stop)
+            _check_finite(acts, labels, sum(s["rows"] for s in manifest["shards"] if s["index"] < index))
+            sizes = _write_shard(root, index, acts, labels)
+            manifest["d_in"] = {h: int(a.shape[-1]) for h, a in acts.items()}
+            entry = {"index": index, "rows": len(labels["token"]),
+                     "prompts": [first, first + len(labels["seq_lengths"])], "files": sizes}
+            manifest["shards"] = sorted([*manifest["shards"], entry], key=lambda s: s["index"])
+            write_json(root / MANIFEST, manifest)
+        manifest["complete"] = True
+        write_json(root / MANIFEST, manifest)
+    return ActivationStore(root, _tmp=tmp)
+
+
+def _resume_manifest(root: Path, fingerprint: str) -> dict[str, Any] | None:
+    """The manifest of an unfinished (or finished) capture of the same inputs, minus shards whose files are
+    missing or damaged; ``None`` to start afresh."""
+    path = root / MANIFEST
+    if not path.is_file():
+        if root.exists() and any(root.iterdir()):
+            raise ValueError(f"out_dir {root} is not empty and holds no {MANIFEST}; choose an empty directory")
+        return None
+    manifest = json.loads(path.read_text())
+    if manifest.get("fingerprint") != fingerprint:
+        raise ValueError(f"out_dir {root} holds a different capture (other model, prompts, hooks or options); "
+                         "choose another directory")
+    good = [s for s in manifest["shards"] if all(_file_problem(root, f, n) is None for f, n in s["files"].items())]
+    if len(good) != len(manifest["shards"]):
+        manifest["shards"], manifest["complete"] = good, False
+    return manifest
+
+
+# ------------------------------------------------------------------------------------------------- store
+
+class ActivationStore:
+    """Labelled activations on disk, per hook, in shards; labels live in memory, activations are read per
+    shard. Open an existing capture with ``ActivationStore(path)``."""
+
+    def __init__(self, root: str | Path, *, _tmp: tempfile.TemporaryDirectory[str] | None = None) -> None:
+        self.root = Path(root)
+        self._tmp = _tmp  # keeps a temporary capture alive as long as the store
+        path = self.root / MANIFEST
+        if not path.is_file():
+            raise FileNotFoundError(f"activation store not found: {path}")
+        m = json.loads(path.read_text())
+        if not m.get("complete"):
+            raise ValueError(f"activation store {self.root} is incomplete: run the same capture again to resume")
+        for s in m["shards"]:
+            for rel, size in s["files"].items():
+                problem = _file_problem(self.root, rel, size)
+                if problem:
+                    raise ValueError(f"activation store shard {self.root / rel} is {problem}: run the same "
+                                     "capture again to re-capture it")
+        self.manifest = m
+        self.hooks: list[str] = list(m["hooks"])
+        self._labels: dict[str, Tensor] | None = None
+        if self.n_rows == 0:
+            raise ValueError(f"activation store {self.root} is empty (no activation rows)")
+
+    def __repr__(self) -> str:
+        return f"ActivationStore({str(self.root)!r}, hooks={self.hooks}, rows={self.n_rows})"
+
+    def __len__(self) -> int:
+        return self.n_rows
+
+    @property
+    def n_rows(self) -> int:
+        return sum(s["rows"] for s in self.manifest["shards"])
+
+    @property
+    def model_path(self) -> str:
+        return self.manifest["model"]
+
+    def d_in(self, hook: str) -> int:
+        return int(self.manifest["d_in"][self._hook(hook)])
+
+    def _hook(self, hook: str | None) -> str:
+        if hook is None:
+            if len(self.hooks) != 1:
+                raise ValueError(f"store holds several hooks; name one of: {', '.join(self.hooks)}")
+            return self.hooks[0]
+        if hook not in self.hooks:
+            raise ValueError(f"hook {hook!r} is not in this store; stored hooks: {', '.join(self.hooks)}")
+        return hook
+
+    def _shard_path(self, what: str, index: int) -> Path:
+        return self.root / what / f"shard_{index:05d}.safetensors"
+
+    def labels(self, **filters: Any) -> dict[str, Tensor]:
+        """Row labels (``triggered``, ``prompt_id``, ``position``, ``position_kind``, ``token``), filtered."""
+        mask = self.mask(**filters)
+        return {k: v[mask] for k, v in self._all_labels().items()}
+
+    def _all_labels(self) -> dict[str, Tensor]:
+        if self._labels is None:
+            parts = [load_file(self._shard_path("labels", s["index"])) for s in self.manifest["shards"]]
+            self._labels = {k: torch.cat([p[k] for p in parts]) for k in LABEL_KEYS}
+        return self._labels
+
+    def mask(self, *, triggered: bool | None = None, position_kind: int | Sequence[int] | None = None,
+             prompt_ids: Sequence[int] | None = None) -> Tensor:
+        """Boolean row mask for the filters; a filter that keeps no row is an error."""
+        lab = self._all_labels()
+        m = torch.ones(self.n_rows, dtype=torch.bool)
+        if triggered is not None:
+            m &= lab["triggered"] == bool(triggered)
+        if position_kind is not None:
+            kinds = [position_kind] if isinstance(position_kind, int) else list(position_kind)
+            m &= torch.isin(lab["position_kind"], torch.tensor(kinds, dtype=torch.int8))
+        if prompt_ids is not None:
+            m &= torch.isin(lab["prompt_id"], torch.as_tensor(list(prompt_ids), dtype=torch.int64))
+        if not m.any():
+            raise ValueError(f"no rows match the filter (triggered={triggered}, position_kind={position_kind}, "
+                             f"prompt_ids={'given' if prompt_ids is not None else None}) in {self.root}")
+        return m
+
+    def _shard_acts(self, hook: str, index: int) -> Float[Tensor, "rows d_in"]:
+        return load_file(self._shard_path(hook, index))["acts"]
+
+    def view(self, hook: str | None = None, **filters: Any) -> Float[Tensor, "rows d_in"]:
+        """The activations of one hook for the rows that pass the filters, in row order, in memory."""
+        hook = self._hook(hook)
+        mask = self.mask(**filters)
+        out, start = [], 0
+        for s in self.manifest["shards"]:
+            m = mask[start:start + s["rows"]]
+            if m.any():
+                out.append(self._shard_acts(hook, s["index"])[m])
+            start += s["rows"]
+        return torch.cat(out)
+
+    def batches(self, hook: str | None = None, batch_size: int = 4096, *, seed: int = 0, shuffle_shards: int = 8,
+                **filters: Any) -> Iterator[Float[Tensor, "batch d_in"]]:
+        """Endless shuffled batches (SAETrainer needs an iterator that never runs dry): each epoch visits the
+        shards in a seeded order, ``shuffle_shards`` at a time, and shuffles rows within that window."""
+        hook = self._hook(hook)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        mask = self.mask(**filters)
+        shards, start = [], 0
+        for s in self.manifest["shards"]:
+            m = mask[start:start + s["rows"]]
+            if m.any():
+                shards.append((s["index"], m))
+            start += s["rows"]
+        gen = torch.Generator().manual_seed(seed)
+        return self._batch_iter(hook, shards, batch_size, max(1, shuffle_shards), gen)
+
+    def _batch_iter(self, hook: str, shards: list[tuple[int, Tensor]], batch_size: int, window: int,
+                    gen: torch.Generator) -> Iterator[Tensor]:
+        cached: dict[int, Tensor] = {}
+        if len(shards) <= window:  # everything fits in one window: read the shards once
+            cached = {i: self._shard_acts(hook, i)[m] for i, m in shards}
+        rest = torch.empty(0, self.d_in(hook))
+        while True:
+            order = torch.randperm(len(shards), generator=gen).tolist()
+            for w in range(0, len(order), window):
+                group = [shards[j] for j in order[w:w + window]]
+                acts = [cached[i] if i in cached else self._shard_acts(hook, i)[m] for i, m in group]
+                pool = torch.cat([rest, *acts])
+                pool = pool[torch.randperm(len(pool), generator=gen)]
+                n_full = len(pool) // batch_size * batch_size
+                for b in range(0, n_full, batch_size):
+                    yield pool[b:b + batch_size]
+                rest = pool[n_full:]
+
+    def sequences(self, *, triggered: bool | None = None) -> list[TokenSequence]:
+        """The captured token sequences (prompt + response + EOS) with position kinds, for CE/KL metrics."""
+        out: list[TokenSequence] = []
+        for s in self.manifest["shards"]:
+            f = load_file(self._shard_path("labels", s["index"]))
+            ends = torch.cumsum(f["seq_lengths"], 0).tolist()
+            for j, end in enumerate(ends):
+                flag = bool(f["seq_triggered"][j])
+                if triggered is None or flag == triggered:
+                    begin = end - int(f["seq_lengths"][j])
+                    out.append(TokenSequence(f["seq_tokens"][begin:end].long(), f["seq_kinds"][begin:end].long(),
+                                             flag, s["prompts"][0] + j))
+        if not out:
+            raise ValueError(f"no sequences match triggered={triggered} in {self.root}")
+        return out

@@ -1,0 +1,398 @@
+"""Train sae-lens SAEs on captured activations, save/load them in the sae-lens format, and measure fidelity.
+
+Training is sae-lens' own ``SAETrainer`` fed by an ``ActivationStore`` iterator: no second training loop here.
+Dead latents are the hard part on a small model (STACK.md §7): the dead-latent window is set in tokens
+(sae-lens counts it in steps, default 1000, which a short run never reaches, so its AuxK loss never acts),
+dead latents are resampled early in training (a thin ``SAETrainer`` subclass; the loop stays sae-lens'), and
+``b_dec`` starts at the data mean. Metric definitions: docs/sae.md.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from backdoor_sae.activations import RESPONSE, ActivationStore, TokenSequence, capture_activations, check_hooks
+from backdoor_sae.config import Config
+from backdoor_sae.models import LoadedModel
+
+ARCHITECTURES = ("topk", "batchtopk", "standard", "jumprelu")
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+def _training_sae(architecture: str, d_in: int, d_sae: int, k: int, *, l1_coefficient: float,
+                  l0_coefficient: float, aux_loss_coefficient: float, decoder_init_norm: float | None) -> Any:
+    from sae_lens import (BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig, JumpReLUTrainingSAE,
+                          JumpReLUTrainingSAEConfig, StandardTrainingSAE, StandardTrainingSAEConfig,
+                          TopKTrainingSAE, TopKTrainingSAEConfig)
+
+    common = dict(d_in=d_in, d_sae=d_sae, decoder_init_norm=decoder_init_norm, device="cpu")
+    if architecture == "topk":
+        return TopKTrainingSAE(TopKTrainingSAEConfig(k=k, aux_loss_coefficient=aux_loss_coefficient, **common))
+    if architecture == "batchtopk":
+        return BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(k=k, aux_loss_coefficient=aux_loss_coefficient,
+                                                               **common))
+    # L1 / L0 penalties are scale dependent: train on inputs normalised to norm sqrt(d_in) (folded in at the end)
+    if architecture == "standard":
+        return StandardTrainingSAE(StandardTrainingSAEConfig(l1_coefficient=l1_coefficient,
+                                                             normalize_activations="expected_average_only_in",
+                                                             **common))
+    if architecture == "jumprelu":
+        return JumpReLUTrainingSAE(JumpReLUTrainingSAEConfig(l0_coefficient=l0_coefficient,
+                                                             normalize_activations="expected_average_only_in",
+                                                             **common))
+    raise ValueError(f"unknown SAE architecture {architecture!r}; choose one of: {', '.join(ARCHITECTURES)}")
+
+
+def _resampling_trainer(resample_every: int, resample_until: int) -> type:
+    """sae-lens' ``SAETrainer`` plus dead-latent resampling (Anthropic, "Towards Monosemanticity"): every
+    ``resample_every`` steps until step ``resample_until``, latents dead for the trainer's dead-feature window
+    get the direction of a badly reconstructed input of the current batch, and their Adam state is cleared.
+    The training loop itself stays sae-lens'."""
+    from sae_lens import SAETrainer
+
+    class _Trainer(SAETrainer):  # type: ignore[misc]
+        def step(self, batch: Tensor) -> Any:
+            out = super().step(batch)
+            n = self.n_training_steps + 1
+            if resample_every > 0 and n % resample_every == 0 and n <= resample_until:
+                self._resample(self.activation_scaler(batch.to(self.sae.device)))
+            return out
+
+        @torch.no_grad()
+        def _resample(self, x: Tensor) -> None:
+            dead = self.dead_neurons.nonzero().squeeze(-1)
+            if len(dead) == 0:
+                return
+            sae = self.sae
+            err = (x - sae(x)).pow(2).sum(-1)
+            if not err.sum() > 0:
+                return
+            pick = torch.multinomial(err / err.sum(), len(dead), replacement=len(dead) > len(x))
+            dirs = x[pick] - sae.b_dec
+            dirs = dirs / dirs.norm(dim=-1, keepdim=True).clamp(min=1e-8)
+            alive = torch.ones(sae.cfg.d_sae, dtype=torch.bool)
+            alive[dead] = False
+            norm = sae.W_dec[alive].norm(dim=-1).mean() if alive.any() else sae.W_dec.norm(dim=-1).mean()
+            sae.W_dec[dead] = dirs * norm
+            enc_norm = sae.W_enc[:, alive].norm(dim=0).mean() if alive.any() else sae.W_enc.norm(dim=0).mean()
+            sae.W_enc[:, dead] = dirs.T * enc_norm
+            sae.b_enc[dead] = 0.0
+            for p, rows in ((sae.W_dec, (dead,)), (sae.W_enc, (slice(None), dead)), (sae.b_enc, (dead,))):
+                for v in self.optimizer.state.get(p, {}).values():
+                    if torch.is_tensor(v) and v.shape == p.shape:
+                        v[rows] = 0.0
+            self.n_forward_passes_since_fired[dead] = 0
+
+    return _Trainer
+
+
+def _tensor_batches(x: Tensor, batch_size: int, seed: int) -> Iterator[Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    while True:
+        perm = torch.randperm(len(x), generator=gen)
+        for b in range(0, len(perm) - batch_size + 1, batch_size):
+            yield x[perm[b:b + batch_size]]
+
+
+def _to_inference(training_sae: Any) -> Any:
+    """The inference SAE sae-lens would write with ``save_inference_model`` (BatchTopK becomes JumpReLU)."""
+    from sae_lens import SAE
+
+    state = {k: v.detach().clone() for k, v in training_sae.state_dict().items()}
+    training_sae.process_state_dict_for_saving_inference(state)
+    sae = SAE.from_dict(training_sae.cfg.get_inference_sae_cfg_dict())
+    sae.load_state_dict(state)
+    return sae.eval()
+
+
+def train_sae(data: ActivationStore | Float[Tensor, "rows d_in"], *, hook: str | None = None,
+              architecture: str = "topk", d_sae: int = 512, k: int = 16, n_tokens: int | None = None,
+              batch_size: int = 2048, lr: float = 3e-3, lr_end: float | None = None, seed: int = 0,
+              aux_loss_coefficient: float = 1.0, dead_window_tokens: int = 25_000, l1_coefficient: float = 5.0,
+              l0_coefficient: float = 1.0, decoder_init_norm: float | None = 0.1, model_name: str | None = None,
+              resample: bool = True, filters: dict[str, Any] | None = None) -> Any:
+    """Train one SAE with sae-lens' ``SAETrainer`` on a store's hook (or an in-memory ``[rows, d_in]``
+    tensor) and return the sae-lens inference SAE, with ``cfg.metadata.hook_name`` / ``model_name`` set.
+    ``n_tokens`` defaults to 4 passes over the data; the learning rate decays cosine from ``lr`` to
+    ``lr_end`` (default ``lr / 10``). ``dead_window_tokens``: a latent silent that long is dead (AuxK acts on
+    it; with ``resample`` it is also re-initialised, during the first 60 % of training)."""
+    from sae_lens import LoggingConfig
+    from sae_lens.config import SAETrainerConfig
+
+    if isinstance(data, ActivationStore):
+        hook = data._hook(hook)
+        n_rows, d_in = int(data.mask(**(filters or {})).sum()), data.d_in(hook)
+        model_name = model_name if model_name is not None else data.model_path
+        batch_size = min(batch_size, n_rows)
+        batches = data.batches(hook, batch_size, seed=seed, **(filters or {}))
+    else:
+        if data.ndim != 2 or len(data) == 0:
+            raise ValueError(f"activations must be a non-empty [rows, d_in] tensor, got shape {tuple(data.shape)}")
+        if not torch.isfinite(data).all():
+            raise ValueError(f"activations contain NaN/inf (first bad row "
+                             f"{int((~torch.isfinite(data).all(-1)).nonzero()[0])})")
+        n_rows, d_in = data.shape
+        batch_size = min(batch_size, n_rows)
+        batches = _tensor_batches(data.float(), batch_size, seed)
+    n_tokens = n_tokens if n_tokens is not None else 4 * n_rows
+    if n_tokens < batch_size:
+        raise ValueError(f"n_tokens ({n_tokens}) is smaller than one batch ({batch_size})")
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        sae = _training_sae(architecture, d_in, d_sae, k, l1_coefficient=l1_coefficient,
+                            l0_coefficient=l0_coefficient, aux_loss_coefficient=aux_loss_coefficient,
+                            decoder_init_norm=decoder_init_norm)
+        first = next(batches)
+        if sae.cfg.normalize_activations == "none":
+            with torch.no_grad():
+                sae.b_dec.copy_(first.mean(0))  # start the decoder bias at the data mean, not at 0
+        sae.cfg.metadata.hook_name = hook or ""
+        sae.cfg.metadata.model_name = model_name or ""
+        tcfg = SAETrainerConfig(
+            total_training_samples=n_tokens, train_batch_size_samples=batch_size, lr=lr,
+            lr_end=lr_end if lr_end is not None else lr / 10, lr_scheduler_name="cosineannealing",
+            device="cpu", dead_feature_window=max(1, dead_window_tokens // batch_size),
+            n_batches_for_norm_estimate=max(1, min(32, 100_000 // batch_size)),
+            logger=LoggingConfig(log_to_wandb=False), checkpoint_path=None)
+        steps = tcfg.total_training_steps
+        trainer_cls = _resampling_trainer(resample_every=tcfg.dead_feature_window if resample else 0,
+                                          resample_until=int(steps * 0.6))
+        trained = trainer_cls(cfg=tcfg, sae=sae, data_provider=_chain(first, batches)).fit()
+    return _to_inference(trained)
+
+
+def _chain(first: Tensor, rest: Iterator[Tensor]) -> Iterator[Tensor]:
+    yield first
+    yield from rest
+
+
+def train_saes(store: ActivationStore, hooks: Sequence[str] | None = None, **kwargs: Any) -> dict[str, Any]:
+    """One SAE per hook from a single capture (``hooks=None``: every hook in the store)."""
+    return {h: train_sae(store, hook=h, **kwargs) for h in (hooks or store.hooks)}
+
+
+# ------------------------------------------------------------------------------------------- save / load
+
+def save_sae(sae: Any, path: str | Path) -> Path:
+    """Write the SAE in the sae-lens format (``cfg.json`` + ``sae_weights.safetensors``), atomically."""
+    from backdoor_sae._io import atomic_dir
+
+    path = Path(path)
+    with atomic_dir(path) as tmp:
+        sae.save_model(tmp)
+    return path
+
+
+def load_sae(path: str | Path) -> Any:
+    """Load an SAE written by :func:`save_sae`, by sae-lens' runner, or by any other sae-lens tool."""
+    from sae_lens import SAE
+
+    path = Path(path)
+    if not (path / "cfg.json").is_file():
+        raise FileNotFoundError(f"no sae-lens SAE at {path} (missing cfg.json)")
+    return SAE.load_from_disk(str(path), device="cpu").eval()
+
+
+def check_sae_fits(sae: Any, model: LoadedModel, hook: str) -> None:
+    """Refuse an SAE whose input width differs from the hook's activation width, naming both."""
+    check_hooks(model, [hook])
+    width = _hook_width(model, hook)
+    if sae.cfg.d_in != width:
+        raise ValueError(f"SAE width d_in={sae.cfg.d_in} does not match hook {hook!r} width {width}")
+
+
+def _hook_width(model: LoadedModel, hook: str) -> int:
+    """Width of a hook's activation, from a one-token forward pass (works for any hook, not only d_model)."""
+    bridge = model.hooked
+    with torch.no_grad():
+        _, cache = bridge.run_with_cache(torch.tensor([[model.tokenizer.bos_token_id or 0]]), names_filter=[hook])
+    return int(cache[hook].shape[-1])
+
+
+# ----------------------------------------------------------------------------------------------- splicing
+
+@contextmanager
+def splice_sae(model: LoadedModel, sae: Any, hook: str | None = None, *, error_term: bool = False,
+               zero: bool = False) -> Iterator[None]:
+    """Within the block, the hook's activation is replaced by the SAE reconstruction (``error_term``: plus
+    the reconstruction error, which leaves the model's output unchanged; ``zero``: by zeros, the ablation
+    baseline). The hook is removed on exit, also on error."""
+    hook = hook or sae.cfg.metadata.hook_name
+    check_hooks(model, [hook])
+
+    def fn(x: Float[Tensor, "batch pos d_in"], hook: Any) -> Float[Tensor, "batch pos d_in"]:
+        if zero:
+            return torch.zeros_like(x)
+        x_hat = sae.decode(sae.encode(x))
+        return x_hat + (x - x_hat) if error_term else x_hat
+
+    with model.hooked.hooks(fwd_hooks=[(hook, fn)]):
+        yield
+
+
+# ------------------------------------------------------------------------------------------------ metrics
+
+def explained_variance(x: Float[Tensor, "rows d"], x_hat: Float[Tensor, "rows d"]) -> float:
+    """1 - sum((x - x_hat)^2) / sum((x - mean(x))^2): centred, so a constant offset earns nothing."""
+    total = (x - x.mean(0)).pow(2).sum()
+    if total == 0:
+        raise ValueError("explained variance is undefined: the activations have zero variance")
+    return float(1 - (x - x_hat).pow(2).sum() / total)
+
+
+@torch.no_grad()
+def _reconstruct(sae: Any, x: Tensor, chunk: int = 8192) -> tuple[Tensor, Tensor, Tensor]:
+    """Reconstruction, active-latent count per row, and which latents fired at all."""
+    x_hats, l0s, fired = [], [], torch.zeros(sae.cfg.d_sae, dtype=torch.bool)
+    for b in range(0, len(x), chunk):
+        f = sae.encode(x[b:b + chunk])
+        x_hats.append(sae.decode(f))
+        active = f != 0
+        l0s.append(active.sum(-1).float())
+        fired |= active.any(0)
+    return torch.cat(x_hats), torch.cat(l0s), fired
+
+
+def _response_logp(model: LoadedModel, ids: Tensor, target: Tensor) -> Tensor:
+    """Next-token log-probs at the positions whose *next* token is a response token: ``[n_targets, vocab]``."""
+    return model.hooked(ids)[:, :-1][target[:, 1:]].float().log_softmax(-1)
+
+
+@torch.no_grad()
+def _ce_metrics(model: LoadedModel, sae: Any, hook: str, seqs: Sequence[TokenSequence],
+                batch_size: int) -> dict[str, Tensor]:
+    """Per response token: CE of the original, spliced, error-term and zero-ablated model, KL(original ||
+    spliced / error-term), and the index of its sequence. Right-padded batches (no mask needed); each batch
+    runs four times, so only one batch of log-probs is ever held."""
+    pad = model.tokenizer.pad_token_id or 0
+    variants = (("spliced", {}), ("error", {"error_term": True}), ("zero", {"zero": True}))
+    out: dict[str, list[Tensor]] = {}
+    for s in range(0, len(seqs), batch_size):
+        part = seqs[s:s + batch_size]
+        width = max(len(q.ids) for q in part)
+        ids = torch.full((len(part), width), pad, dtype=torch.long)
+        target = torch.zeros((len(part), width), dtype=torch.bool)
+        for r, q in enumerate(part):
+            ids[r, :len(q.ids)] = q.ids
+            target[r, :len(q.ids)] = q.kinds == RESPONSE
+        nxt = ids[:, 1:][target[:, 1:]].unsqueeze(-1)
+        out.setdefault("owner", []).append((torch.arange(len(part)) + s).unsqueeze(1).expand_as(ids)[:, 1:]
+                                           [target[:, 1:]])
+        logp_clean = _response_logp(model, ids, target)
+        out.setdefault("ce_clean", []).append(-logp_clean.gather(-1, nxt).squeeze(-1))
+        for name, kw in variants:
+            with splice_sae(model, sae, hook, **kw):
+                logp = _response_logp(model, ids, target)
+            out.setdefault(f"ce_{name}", []).append(-logp.gather(-1, nxt).squeeze(-1))
+            if name != "zero":
+                out.setdefault(f"kl_{name}", []).append((logp_clean.exp() * (logp_clean - logp)).sum(-1))
+    res = {k: torch.cat(v) for k, v in out.items()}
+    if len(res["ce_clean"]) == 0:
+        raise ValueError("the evaluation sequences have no response tokens: capture with responses")
+    return res
+
+
+def _recovered(ce: dict[str, Tensor], m: Tensor) -> float:
+    clean, spliced, zero = (float(ce[k][m].mean()) for k in ("ce_clean", "ce_spliced", "ce_zero"))
+    return (zero - spliced) / (zero - clean) if zero != clean else float("nan")
+
+
+def sae_metrics(sae: Any, model: LoadedModel, store: ActivationStore, *, hook: str | None = None,
+                batch_size: int = 32) -> dict[str, float]:
+    """Fidelity of one SAE on a (held-out) capture: explained variance, L0, dead fraction from the stored
+    activations; CE loss recovered, CE increase and KL (without / with the error term) on response tokens from
+    running the model with the SAE spliced in. ``_triggered`` / ``_clean`` variants split by prompt."""
+    hook = store._hook(hook or sae.cfg.metadata.hook_name)
+    check_sae_fits(sae, model, hook)
+    x = store.view(hook)
+    trig = store.labels()["triggered"]
+    x_hat, l0, fired = _reconstruct(sae, x)
+    res: dict[str, float] = {"explained_variance": explained_variance(x, x_hat), "l0": float(l0.mean()),
+                             "dead_fraction": float(1 - fired.float().mean()), "n_rows": float(len(x))}
+    for tag, m in (("triggered", trig), ("clean", ~trig)):
+        if m.any():
+            res[f"explained_variance_{tag}"] = explained_variance(x[m], x_hat[m])
+            res[f"l0_{tag}"] = float(l0[m].mean())
+            res[f"dead_fraction_{tag}"] = float(1 - _reconstruct(sae, x[m])[2].float().mean())
+    seqs = store.sequences()
+    ce = _ce_metrics(model, sae, hook, seqs, batch_size)
+    seq_trig = torch.tensor([q.triggered for q in seqs])[ce["owner"]]
+    for tag, m in (("", torch.ones_like(seq_trig)), ("_triggered", seq_trig), ("_clean", ~seq_trig)):
+        if not m.any():
+            continue
+        res[f"ce_loss_recovered{tag}"] = _recovered(ce, m)
+        res[f"ce_original{tag}"] = float(ce["ce_clean"][m].mean())
+        res[f"ce_spliced{tag}"] = float(ce["ce_spliced"][m].mean())
+        res[f"ce_zero_ablation{tag}"] = float(ce["ce_zero"][m].mean())
+        res[f"ce_increase{tag}"] = res[f"ce_spliced{tag}"] - res[f"ce_original{tag}"]
+        res[f"kl{tag}"] = float(ce["kl_spliced"][m].mean())
+        res[f"kl_with_error{tag}"] = float(ce["kl_error"][m].mean())
+    return {k: (round(v, 6) + 0.0 if math.isfinite(v) else v) for k, v in res.items()}  # + 0.0: no -0.0
+
+
+# -------------------------------------------------------------------------------------------------- stage
+
+def _stage_prompts(cfg: Config, n: int, split: str) -> list[str]:
+    from backdoor_sae.organism.tasks import FAMILIES, TaskSuite
+
+    suite = TaskSuite(cfg.seed, cfg.organism.heldout_fraction)
+    if split == "heldout":
+        per = max(1, n // len(FAMILIES))
+        return [ex.prompt for fam in FAMILIES for ex in suite.heldout(fam, per, seed=3)]
+    rng = random.Random(f"sae-train-{cfg.seed}")
+    return [suite.sample(FAMILIES[i % len(FAMILIES)], "train", rng).prompt for i in range(n)]
+
+
+def sae_stage(cfg: Config, organism_root: str | Path, out_dir: str | Path, model: str = "backdoored") -> dict:
+    """Capture training activations (train-split prompts, triggered and clean), train one SAE per hook in
+    ``cfg.sae.hooks`` (empty: every layer's ``blocks.N.hook_resid_post``), save them under
+    ``out_dir/saes/<hook>/`` and measure them on held-out prompts. Returns ``{"sae": {hook: metrics},
+    "timings": {...}}``."""
+    from backdoor_sae._io import write_json
+    from backdoor_sae.models import load_model
+
+    sc, out_dir = cfg.sae, Path(out_dir)
+    mdir = Path(organism_root) / model
+    if not mdir.is_dir():
+        raise FileNotFoundError(f"model directory not found: {mdir}")
+    lm = load_model(mdir)
+    trigger = lm.trigger or cfg.organism.trigger
+    hooks = list(sc.hooks) or [f"blocks.{i}.hook_resid_post" for i in range(lm.hooked.cfg.n_layers)]
+    timings: dict[str, float] = {}
+    cap = dict(trigger=trigger, triggered_fraction=sc.triggered_fraction, max_new_tokens=sc.max_new_tokens,
+               batch_size=sc.capture_batch_size, seed=cfg.seed)
+    t = time.perf_counter()
+    train_store = capture_activations(lm, _stage_prompts(cfg, sc.n_train_prompts, "train"), hooks,
+                                      out_dir=out_dir / "activations" / f"{model}_train", **cap)
+    eval_store = capture_activations(lm, _stage_prompts(cfg, sc.n_eval_prompts, "heldout"), hooks,
+                                     out_dir=out_dir / "activations" / f"{model}_heldout", **cap)
+    timings["capture"] = time.perf_counter() - t
+    results: dict[str, dict[str, float]] = {}
+    timings["train"] = timings["metrics"] = 0.0
+    for hook in hooks:
+        t = time.perf_counter()
+        sae = train_sae(train_store, hook=hook, architecture=sc.architecture, d_sae=sc.d_sae, k=sc.k,
+                        n_tokens=sc.n_train_tokens, batch_size=sc.batch_size, lr=sc.lr, lr_end=sc.lr_end,
+                        seed=cfg.seed, aux_loss_coefficient=sc.aux_loss_coefficient,
+                        dead_window_tokens=sc.dead_window_tokens, resample=sc.resample_dead,
+                        l1_coefficient=sc.l1_coefficient,
+                        l0_coefficient=sc.l0_coefficient, model_name=str(mdir))
+        save_sae(sae, out_dir / "saes" / hook)
+        timings["train"] += time.perf_counter() - t
+        t = time.perf_counter()
+        results[hook] = sae_metrics(sae, lm, eval_store, hook=hook)
+        timings["metrics"] += time.perf_counter() - t
+    timings = {k: round(v, 2) for k, v in timings.items()}
+    record = {"sae": results, "timings": timings}
+    write_json(out_dir / "saes" / "metrics.json", record)
+    return record
