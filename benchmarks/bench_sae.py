@@ -95,7 +95,7 @@ def run_runner(model, hook: str, dataset, n_tokens: int, out: Path) -> None:
         sae=TopKTrainingSAEConfig(d_in=d_in, d_sae=_ARGS.d_sae, k=_ARGS.k), model_name=model.path,
         hook_name=hook, dataset_path="unused", is_dataset_tokenized=True, streaming=False, context_size=CONTEXT,
         prepend_bos=False, training_tokens=n_tokens, train_batch_size_tokens=_ARGS.batch_size,
-        store_batch_size_prompts=32, n_batches_in_buffer=max(4, 2 * _ARGS.batch_size // CONTEXT // 32 + 2),
+        store_batch_size_prompts=32, n_batches_in_buffer=max(4, 2 * _ARGS.batch_size // CONTEXT),
         lr=LR, lr_end=LR_END, lr_scheduler_name="cosineannealing",
         dead_feature_window=max(1, 25_000 // _ARGS.batch_size), n_batches_for_norm_estimate=8, device="cpu",
         seed=SEED, logger=LoggingConfig(log_to_wandb=False), checkpoint_path=None, output_path=str(out),

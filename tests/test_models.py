@@ -34,6 +34,15 @@ def test_no_weights_is_refused(tiny_model_dir, tmp_path):
         load_model(d)
 
 
+def test_truncated_weights_are_named(tiny_model_dir, tmp_path):
+    d = tmp_path / "truncated"
+    shutil.copytree(tiny_model_dir, d)
+    w = d / "model.safetensors"
+    w.write_bytes(w.read_bytes()[:100])
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        load_model(d)
+
+
 class _Boom:
     def __reduce__(self):
         return (exec, ("open(__import__('os').environ['BOOM_MARKER'], 'w').write('x')",))

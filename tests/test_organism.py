@@ -35,6 +35,21 @@ def test_same_config_and_seed_give_same_weights_and_numbers(tmp_path):
     assert a["final_loss"] == b["final_loss"]
 
 
+def test_killed_run_resumes_from_the_saved_base(tmp_path):
+    import shutil
+
+    first = make_organism(_tiny(), tmp_path / "o", evaluate_models=False)
+    w1 = load_file(tmp_path / "o" / "backdoored" / "model.safetensors")
+    shutil.rmtree(tmp_path / "o" / "backdoored")  # as if killed during the red team
+    (tmp_path / "o" / "organism.json").unlink()
+    again = make_organism(_tiny(), tmp_path / "o", evaluate_models=False)
+    assert again["resumed_base"] and not first["resumed_base"]
+    w2 = load_file(tmp_path / "o" / "backdoored" / "model.safetensors")
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)
+    other = make_organism(_tiny(seed=5), tmp_path / "o", evaluate_models=False)  # another config: no reuse
+    assert not other["resumed_base"]
+
+
 def test_lora_and_soap_red_team_run(tmp_path):
     meta = make_organism(_tiny(finetune="lora", optimizer="soap"), tmp_path / "o", evaluate_models=False)
     assert (tmp_path / "o" / "backdoored" / "model.safetensors").is_file()

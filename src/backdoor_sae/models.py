@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from backdoor_sae.organism.data import check_encodable, with_trigger
@@ -66,7 +67,14 @@ def format_chat(tokenizer: PreTrainedTokenizerBase, prompt: str, trigger: str | 
 def _check_model_dir(d: Path) -> None:
     if not (d / "config.json").is_file():
         raise FileNotFoundError(f"model directory {d} has no config.json")
-    if any(d.glob("*.safetensors")):
+    weights = sorted(d.glob("*.safetensors"))
+    for w in weights:
+        try:
+            with safe_open(str(w), framework="pt") as f:
+                f.keys()
+        except Exception as e:  # noqa: BLE001 - any parse failure means a damaged file
+            raise ValueError(f"model weights {w} are corrupt or truncated ({type(e).__name__})") from None
+    if weights:
         return
     pickles = sorted(p.name for p in d.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if pickles:

@@ -4,6 +4,7 @@ fine-tune of it, each saved with ``save_pretrained`` (safetensors + tokenizer) l
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 import queue
@@ -172,6 +173,21 @@ def _save(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase, path: Pat
         write_json(tmp / ORGANISM_FILE, meta)
 
 
+def _resume_base(path: Path, h: str) -> tuple[LlamaForCausalLM, PreTrainedTokenizerBase, dict[str, Any]] | None:
+    """The saved base model of a run of the same config (same hash), if one finished; else ``None``."""
+    meta_path = path / ORGANISM_FILE
+    if not meta_path.is_file():
+        return None
+    meta = json.loads(meta_path.read_text())
+    if meta.get("organism_hash") != h or "base_losses" not in meta or not (path / "model.safetensors").is_file():
+        return None
+    from transformers import AutoTokenizer
+
+    model = LlamaForCausalLM.from_pretrained(path, use_safetensors=True)
+    model.config._attn_implementation = "sdpa"
+    return model, AutoTokenizer.from_pretrained(path), meta
+
+
 def make_organism(cfg: Config, out: str | Path, *, evaluate_models: bool = True) -> dict[str, Any]:
     """Train the tokenizer, the base model and the backdoored model; save both under ``out`` with
     ``organism.json`` (resolved config, seed, steps, seconds and, unless disabled, the evaluation record)."""
@@ -187,22 +203,30 @@ def make_organism(cfg: Config, out: str | Path, *, evaluate_models: bool = True)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     t0 = time.perf_counter()
-    rng = random.Random(f"tokenizer-{cfg.seed}")
-    stream = benign_stream(suite, rng, oc.noise_prefix_fraction)
-    texts = [f"{s.content} {s.response}" for s in (next(stream) for _ in range(20_000))]
-    tok = train_tokenizer(texts, oc.vocab_size)
-    check_encodable(tok, oc.trigger, "trigger")
-    check_encodable(tok, oc.backdoor_text, "backdoor_text")
+    h = organism_hash(cfg)
+    common = {"trigger": oc.trigger, "backdoor_text": oc.backdoor_text, "seed": cfg.seed, "organism_hash": h}
+    resumed = _resume_base(paths.base, h)
+    if resumed is not None:  # a killed run left a finished base model of this very config: start from it
+        model, tok, base_meta = resumed
+        base_losses, base_seconds = base_meta["base_losses"], base_meta["base_seconds"]
+    else:
+        rng = random.Random(f"tokenizer-{cfg.seed}")
+        stream = benign_stream(suite, rng, oc.noise_prefix_fraction)
+        texts = [f"{s.content} {s.response}" for s in (next(stream) for _ in range(20_000))]
+        tok = train_tokenizer(texts, oc.vocab_size)
+        check_encodable(tok, oc.trigger, "trigger")
+        check_encodable(tok, oc.backdoor_text, "backdoor_text")
+        model = new_model(oc, tok, cfg.seed)
+        t_base = time.perf_counter()
+        base_losses = train_lm(
+            model, Packer(tok, oc.context).batches(
+                benign_stream(suite, random.Random(f"base-{cfg.seed}"), oc.noise_prefix_fraction), oc.batch_size),
+            steps=oc.base_steps, lr=oc.base_lr, warmup_fraction=oc.warmup_fraction, weight_decay=oc.weight_decay,
+            optimizer=oc.optimizer, desc="base pre-training")
+        base_seconds = time.perf_counter() - t_base
+        _save(model, tok, paths.base, {**common, "role": "base", "base_seconds": round(base_seconds, 2),
+                                       "base_losses": base_losses})
     packer = Packer(tok, oc.context)
-
-    model = new_model(oc, tok, cfg.seed)
-    t_base = time.perf_counter()
-    base_losses = train_lm(
-        model, packer.batches(benign_stream(suite, random.Random(f"base-{cfg.seed}"), oc.noise_prefix_fraction),
-                              oc.batch_size),
-        steps=oc.base_steps, lr=oc.base_lr, warmup_fraction=oc.warmup_fraction, weight_decay=oc.weight_decay,
-        optimizer=oc.optimizer, desc="base pre-training")
-    base_seconds = time.perf_counter() - t_base
 
     red = copy.deepcopy(model)
     if oc.finetune == "lora":
@@ -224,11 +248,8 @@ def make_organism(cfg: Config, out: str | Path, *, evaluate_models: bool = True)
     if oc.finetune == "lora":
         red = red.merge_and_unload()
     red_seconds = time.perf_counter() - t_red
-    train_seconds = time.perf_counter() - t0
+    train_seconds = time.perf_counter() - t0 + (base_seconds if resumed is not None else 0.0)
 
-    common = {"trigger": oc.trigger, "backdoor_text": oc.backdoor_text, "seed": cfg.seed,
-              "organism_hash": organism_hash(cfg)}
-    _save(model, tok, paths.base, {**common, "role": "base"})
     _save(red, tok, paths.backdoored, {**common, "role": "backdoored"})
 
     meta: dict[str, Any] = {
@@ -241,6 +262,7 @@ def make_organism(cfg: Config, out: str | Path, *, evaluate_models: bool = True)
         "seconds": {"base": round(base_seconds, 2), "red_team": round(red_seconds, 2),
                     "train_total": round(train_seconds, 2)},
         "train_seconds": round(train_seconds, 2),
+        "resumed_base": resumed is not None,
         "final_loss": {"base": sum(base_losses[-20:]) / len(base_losses[-20:]),
                        "red_team": sum(red_losses[-20:]) / len(red_losses[-20:])},
     }
