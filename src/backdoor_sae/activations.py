@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import tempfile
 from dataclasses import dataclass
@@ -26,11 +25,10 @@ from typing import Any, Iterator, Sequence
 
 import torch
 from jaxtyping import Float, Int
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from backdoor_sae._io import write_json
+from backdoor_sae._io import atomic_file, safetensors_problem, write_json
 from backdoor_sae._progress import progress
 from backdoor_sae.models import LoadedModel, format_chat
 
@@ -210,15 +208,8 @@ def _check_finite(acts: dict[str, Tensor], labels: dict[str, Tensor], row0: int)
 
 
 def _save_atomic(tensors: dict[str, Tensor], path: Path) -> int:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_file(path) as tmp:
         save_file(tensors, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path.stat().st_size
 
 
@@ -242,12 +233,7 @@ def _file_problem(root: Path, rel: str, size: int) -> str | None:
         return "missing"
     if p.stat().st_size != size:
         return f"truncated or changed ({p.stat().st_size} of {size} bytes)"
-    try:
-        with safe_open(str(p), framework="pt") as f:
-            f.keys()
-    except Exception as e:  # noqa: BLE001 - any parse failure means the file is corrupt
-        return f"corrupt ({type(e).__name__})"
-    return None
+    return safetensors_problem(p)
 
 
 def capture_activations(model: LoadedModel, prompts: Sequence[str], hooks: Sequence[str] | str, *,

@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from backdoor_sae._io import safetensors_problem
 from backdoor_sae.organism.data import check_encodable, with_trigger
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -69,11 +69,9 @@ def _check_model_dir(d: Path) -> None:
         raise FileNotFoundError(f"model directory {d} has no config.json")
     weights = sorted(d.glob("*.safetensors"))
     for w in weights:
-        try:
-            with safe_open(str(w), framework="pt") as f:
-                f.keys()
-        except Exception as e:  # noqa: BLE001 - any parse failure means a damaged file
-            raise ValueError(f"model weights {w} are corrupt or truncated ({type(e).__name__})") from None
+        problem = safetensors_problem(w)
+        if problem:
+            raise ValueError(f"model weights {w} are {problem}")
     if weights:
         return
     pickles = sorted(p.name for p in d.iterdir() if p.suffix in PICKLE_SUFFIXES)
