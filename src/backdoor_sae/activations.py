@@ -19,6 +19,9 @@ import hashlib
 import json
 import random
 import tempfile
+from itertools import chain
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -30,7 +33,8 @@ from torch import Tensor
 
 from backdoor_sae._io import atomic_file, safetensors_problem, write_json
 from backdoor_sae._progress import progress
-from backdoor_sae.models import LoadedModel, format_chat
+from backdoor_sae._tensorfile import aligned_empty, load_tensor, save_tensor
+from backdoor_sae.models import LoadedModel, format_chats
 
 TRIGGER, PROMPT, RESPONSE = 0, 1, 2  # position kinds
 LABEL_KEYS = ("triggered", "prompt_id", "position", "position_kind", "token")
@@ -68,20 +72,6 @@ def check_hooks(model: LoadedModel, hooks: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(hooks))
 
 
-def _layer_of(hook: str) -> int | None:
-    parts = hook.split(".")
-    return int(parts[1]) if len(parts) > 1 and parts[0] == "blocks" and parts[1].isdigit() else None
-
-
-def _stop_layer(hooks: Sequence[str], n_layers: int) -> int | None:
-    """Stop the forward pass after the last block a hook needs (``None``: run to the end)."""
-    layers = [_layer_of(h) for h in hooks]
-    if any(layer is None for layer in layers):
-        return None
-    stop = max(layers) + 1  # type: ignore[type-var]
-    return stop if stop < n_layers else None
-
-
 # --------------------------------------------------------------------------------------------- tokenising
 
 def _assign_triggered(n: int, fraction: float, seed: int) -> list[bool]:
@@ -116,18 +106,34 @@ def _responses(model: LoadedModel, prompts: Sequence[str], triggered: Sequence[b
     return list(responses)
 
 
+@dataclass(frozen=True)
+class _Tokens:
+    """Every prompt's tokens and position kinds, concatenated; prompt ``i`` is ``ids[starts[i]:starts[i] +
+    lengths[i]]``."""
+
+    ids: Int[Tensor, " tokens"]
+    kinds: Int[Tensor, " tokens"]
+    lengths: Int[Tensor, " prompts"]
+    starts: Int[Tensor, " prompts"]
+
+    def span(self, first: int, n: int) -> _Tokens:
+        a, b = int(self.starts[first]), int(self.starts[first + n - 1] + self.lengths[first + n - 1])
+        lengths = self.lengths[first:first + n]
+        return _Tokens(self.ids[a:b], self.kinds[a:b], lengths, self.starts[first:first + n] - a)
+
+
 def _tokenise(model: LoadedModel, prompts: Sequence[str], triggered: Sequence[bool], trigger: str | None,
-              responses: Sequence[str] | None, n_ctx: int,
-              truncated_at: int | None = None) -> list[tuple[list[int], list[int]]]:
+              responses: Sequence[str] | None, n_ctx: int, truncated_at: int | None = None) -> _Tokens:
     """Token ids and position kinds per prompt: chat turn (trigger tokens found by character offsets), then the
     response and EOS, as the organism was trained (``Packer.encode``). A generated response that reached
     ``truncated_at`` tokens was cut off, not finished, so it gets no EOS."""
     tok = model.tokenizer
-    texts = [format_chat(tok, p, trigger if t else None) for p, t in zip(prompts, triggered)]
-    enc = tok(texts, add_special_tokens=False, return_offsets_mapping=True)
-    resp_ids = tok(list(responses), add_special_tokens=False)["input_ids"] if responses is not None else None
-    out = []
-    for i, (text, ids, offsets) in enumerate(zip(texts, enc["input_ids"], enc["offset_mapping"])):
+    texts = format_chats(tok, prompts, [trigger if t else None for t in triggered])
+    ids_all, offsets_all = _encode(tok, texts)
+    resp_ids = _encode(tok, list(responses))[0] if responses is not None else None
+    ids_out: list[list[int]] = []
+    kinds_out: list[list[int]] = []
+    for i, (text, ids, offsets) in enumerate(zip(texts, ids_all, offsets_all)):
         kinds = [PROMPT] * len(ids)
         if triggered[i]:
             start = text.find(trigger)  # type: ignore[arg-type]
@@ -140,69 +146,124 @@ def _tokenise(model: LoadedModel, prompts: Sequence[str], triggered: Sequence[bo
             if truncated_at is None or len(r) < truncated_at:
                 r.append(tok.eos_token_id)
             ids, kinds = [*ids, *r], [*kinds, *[RESPONSE] * len(r)]
-        out.append((list(ids[:n_ctx]), kinds[:n_ctx]))
-    return out
+        ids_out.append(ids[:n_ctx])
+        kinds_out.append(kinds[:n_ctx])
+    lengths = torch.tensor([len(x) for x in ids_out], dtype=torch.int64)
+    return _Tokens(torch.tensor(list(chain.from_iterable(ids_out)), dtype=torch.int32),
+                   torch.tensor(list(chain.from_iterable(kinds_out)), dtype=torch.int8), lengths,
+                   torch.cumsum(lengths, 0) - lengths)
+
+
+def _encode(tok: Any, texts: list[str]) -> tuple[list[list[int]], list[list[tuple[int, int]]]]:
+    """Token ids and character offsets, without special tokens; straight from the Rust tokenizer when there is
+    one (the Python wrapper's per-text conversion costs more than the encoding itself)."""
+    if getattr(tok, "is_fast", False):
+        enc = tok.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
+        return [e.ids for e in enc], [e.offsets for e in enc]
+    enc = tok(texts, add_special_tokens=False, return_offsets_mapping=True)
+    return enc["input_ids"], enc["offset_mapping"]
 
 
 def _fingerprint(model: LoadedModel, hooks: Sequence[str], prompts: Sequence[str], triggered: Sequence[bool],
                  trigger: str | None, responses: Any, max_new_tokens: int, include_bos: bool,
-                 shard_prompts: int) -> str:
+                 shard_prompts: int, dtype: torch.dtype | None) -> str:
     spec = {"model": model.path, "hooks": list(hooks), "prompts": list(prompts), "triggered": list(triggered),
             "trigger": trigger, "responses": responses if responses in (None, "generate") else list(responses),
-            "max_new_tokens": max_new_tokens, "include_bos": include_bos, "shard_prompts": shard_prompts}
+            "max_new_tokens": max_new_tokens, "include_bos": include_bos, "shard_prompts": shard_prompts,
+            "dtype": str(dtype)}
     return hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------------------------- capturing
 
+class _AllHooksFired(Exception):
+    """Raised by the recording hook once every requested hook has fired: the rest of the forward is skipped."""
+
+
+@contextmanager
+def _recording(bridge: Any, hooks: Sequence[str]) -> Iterator[dict[str, Tensor]]:
+    """Attach one recording hook per name (removed on exit, even on error); the dict fills on each forward.
+    Stopping after the last requested hook (not the lm head) is what sae-lens' ``stop_at_layer`` does; the
+    bridge's own ``stop_at_layer`` cannot stop after the last block."""
+    got: dict[str, Tensor] = {}
+
+    def recorder(name: str) -> Any:
+        def record(t: Tensor, hook: Any) -> None:
+            got[name] = t
+            if len(got) == len(hooks):
+                raise _AllHooksFired
+
+        return record
+
+    with bridge.hooks(fwd_hooks=[(h, recorder(h)) for h in hooks]):
+        yield got
+
+
+def _forward_recorded(model: LoadedModel, ids: Int[Tensor, "batch pos"], got: dict[str, Tensor],
+                      hooks: Sequence[str]) -> None:
+    got.clear()
+    try:
+        model.hf(input_ids=ids, use_cache=False)
+    except _AllHooksFired:
+        pass
+    missing = [h for h in hooks if h not in got]
+    if missing:
+        raise ValueError(f"hook {missing[0]!r} did not fire during the forward pass of {model.path!r}")
+
+
 @torch.no_grad()
-def _capture_shard(model: LoadedModel, hooks: Sequence[str], seqs: list[tuple[list[int], list[int]]],
-                   first_id: int, triggered: Sequence[bool], batch_size: int, include_bos: bool,
-                   stop: int | None) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """Activations of every hook and the row labels for the prompts of one shard, rows sorted by
-    (prompt, position)."""
-    bridge, pad = model.hooked, model.tokenizer.pad_token_id
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]))
-    acts: dict[str, list[Tensor]] = {h: [] for h in hooks}
-    labels: dict[str, list[Tensor]] = {k: [] for k in LABEL_KEYS}
-    for s in range(0, len(order), batch_size):
-        idx = order[s:s + batch_size]
-        width = max(len(seqs[i][0]) for i in idx)
-        ids = torch.full((len(idx), width), pad, dtype=torch.long)
-        kinds = torch.full((len(idx), width), -1, dtype=torch.int8)
-        for row, i in enumerate(idx):
-            n = len(seqs[i][0])
-            ids[row, :n] = torch.tensor(seqs[i][0])
-            kinds[row, :n] = torch.tensor(seqs[i][1], dtype=torch.int8)
-        keep = kinds >= 0
-        if not include_bos:
-            keep[:, 0] = False
-        _, cache = bridge.run_with_cache(ids, names_filter=list(hooks), stop_at_layer=stop)
-        for h in hooks:
-            acts[h].append(cache[h][keep].float())
-        pid = torch.tensor([first_id + i for i in idx]).unsqueeze(1).expand_as(ids)
-        labels["triggered"].append(torch.tensor([bool(triggered[first_id + i]) for i in idx])
-                                   .unsqueeze(1).expand_as(ids)[keep])
-        labels["prompt_id"].append(pid[keep])
-        labels["position"].append(torch.arange(width, dtype=torch.int32).expand_as(ids)[keep])
-        labels["position_kind"].append(kinds[keep])
-        labels["token"].append(ids.to(torch.int32)[keep])
-    lab = {k: torch.cat(v) for k, v in labels.items()}
-    perm = torch.argsort(lab["prompt_id"] * 1_000_000 + lab["position"])
-    lab = {k: v[perm].contiguous() for k, v in lab.items()}
-    out = {h: torch.cat(v)[perm].contiguous() for h, v in acts.items()}
-    lab["seq_tokens"] = torch.tensor([t for ids, _ in seqs for t in ids], dtype=torch.int32)
-    lab["seq_kinds"] = torch.tensor([k for _, ks in seqs for k in ks], dtype=torch.int8)
-    lab["seq_lengths"] = torch.tensor([len(ids) for ids, _ in seqs], dtype=torch.int64)
-    lab["seq_triggered"] = torch.tensor([bool(triggered[first_id + i]) for i in range(len(seqs))])
-    return out, lab
+def _capture_shard(model: LoadedModel, hooks: Sequence[str], tokens: _Tokens, first_id: int,
+                   triggered: Sequence[bool], batch_size: int, include_bos: bool,
+                   dtype: torch.dtype | None) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Activations of every hook and the row labels for the prompts of one shard, rows in (prompt, position)
+    order: each batch's rows are written straight to their place in preallocated tensors."""
+    skip = 0 if include_bos else 1
+    lengths, starts, flat_ids = tokens.lengths, tokens.starts, tokens.ids
+    kept = (lengths - skip).clamp(min=0)
+    offsets = torch.cumsum(kept, 0) - kept  # first row of each prompt
+    flat_pos = torch.arange(len(flat_ids)) - starts.repeat_interleave(lengths)
+    seq_triggered = torch.tensor([bool(triggered[first_id + i]) for i in range(len(lengths))])
+    row = flat_pos >= skip
+    labels = {"triggered": seq_triggered.repeat_interleave(lengths)[row],
+              "prompt_id": (first_id + torch.arange(len(lengths))).repeat_interleave(lengths)[row],
+              "position": flat_pos.to(torch.int32)[row], "position_kind": tokens.kinds[row],
+              "token": flat_ids[row], "seq_tokens": flat_ids, "seq_kinds": tokens.kinds, "seq_lengths": lengths,
+              "seq_triggered": seq_triggered}
+    acts: dict[str, Tensor] = {}
+    order = torch.argsort(lengths, stable=True)  # similar lengths share a batch: little padding
+    pad = model.tokenizer.pad_token_id
+    with _recording(model.hooked, hooks) as got:
+        for s in range(0, len(order), batch_size):
+            idx = order[s:s + batch_size]
+            pos = torch.arange(int(lengths[idx].max()))
+            real = pos < lengths[idx, None]
+            ids = torch.full(real.shape, pad, dtype=torch.long)
+            ids[real] = flat_ids[(starts[idx, None] + pos)[real]].long()
+            keep = real & (pos >= skip)
+            dest = (offsets[idx, None] + pos - skip)[keep]  # each kept (row, position)'s row in the shard
+            _forward_recorded(model, ids, got, hooks)
+            for h in hooks:
+                a = got[h]
+                if h not in acts:
+                    acts[h] = aligned_empty(int(kept.sum()), a.shape[-1], dtype or a.dtype)
+                acts[h][dest] = a[keep].to(acts[h].dtype)
+    return acts, labels
+
+
+def first_nonfinite_row(a: Float[Tensor, "rows d"]) -> int | None:
+    """Index of the first row holding NaN/inf, or ``None``. A row sum is non-finite whenever the row is (and
+    rarely otherwise, by overflow): the cheap sum finds the candidates, the exact test decides."""
+    candidates = (~torch.isfinite(a.sum(-1))).nonzero().squeeze(-1)
+    for r in candidates.tolist():
+        if not torch.isfinite(a[r]).all():
+            return int(r)
+    return None
 
 
 def _check_finite(acts: dict[str, Tensor], labels: dict[str, Tensor], row0: int) -> None:
     for h, a in acts.items():
-        bad = (~torch.isfinite(a).all(dim=-1)).nonzero()
-        if len(bad):
-            r = int(bad[0])
+        r = first_nonfinite_row(a)
+        if r is not None:
             raise ValueError(f"non-finite activation at hook {h!r}, row {row0 + r} (prompt "
                              f"{int(labels['prompt_id'][r])}, position {int(labels['position'][r])})")
 
@@ -221,9 +282,23 @@ def _shard_files(hooks: Sequence[str], index: int) -> list[str]:
 def _write_shard(root: Path, index: int, acts: dict[str, Tensor], labels: dict[str, Tensor]) -> dict[str, int]:
     files = _shard_files(list(acts), index)
     sizes = {files[0]: _save_atomic(labels, root / files[0])}
-    for f, (h, a) in zip(files[1:], acts.items()):
-        sizes[f] = _save_atomic({"acts": a}, root / f)
+    for f, a in zip(files[1:], acts.values()):
+        with atomic_file(root / f) as tmp:
+            save_tensor(a, tmp)
+        sizes[f] = (root / f).stat().st_size
     return sizes
+
+
+def _write_and_list_shard(root: Path, manifest: dict[str, Any], index: int, first: int, acts: dict[str, Tensor],
+                          labels: dict[str, Tensor]) -> None:
+    """Write one shard's files, then list it in the manifest (so a listed shard is always complete)."""
+    sizes = _write_shard(root, index, acts, labels)
+    manifest["d_in"] = {h: int(a.shape[-1]) for h, a in acts.items()}
+    manifest["dtype"] = {h: str(a.dtype).removeprefix("torch.") for h, a in acts.items()}
+    entry = {"index": index, "rows": len(labels["token"]),
+             "prompts": [first, first + len(labels["seq_lengths"])], "files": sizes}
+    manifest["shards"] = sorted([*manifest["shards"], entry], key=lambda s: s["index"])
+    write_json(root / MANIFEST, manifest)
 
 
 def _file_problem(root: Path, rel: str, size: int) -> str | None:
@@ -241,13 +316,15 @@ def capture_activations(model: LoadedModel, prompts: Sequence[str], hooks: Seque
                         triggered_fraction: float = 0.5, responses: str | Sequence[str] | None = "generate",
                         max_new_tokens: int = 32, batch_size: int = 64, shard_prompts: int = 1024,
                         out_dir: str | Path | None = None, include_bos: bool = False,
-                        seed: int = 0) -> ActivationStore:
+                        dtype: torch.dtype | None = None, seed: int = 0) -> ActivationStore:
     """Run the model once per batch over chat-formatted prompts (plus responses) and store every hook's
     activations with row labels. ``triggered`` (one flag per prompt) or a seeded ``triggered_fraction``
     decides which prompts get the trigger at the start of the user turn. ``responses="generate"`` appends the
     model's own greedy completion (so triggered rows hold the backdoor behaviour); a list gives them
-    explicitly; ``None`` captures prompts only. ``out_dir=None`` keeps the store in a temporary directory;
-    an existing ``out_dir`` from the same capture resumes where it stopped."""
+    explicitly; ``None`` captures prompts only. ``dtype``: how activations are stored (default: as the model
+    computes them, e.g. bfloat16 for most hub models; ``torch.float16`` halves the disk of a float32 model).
+    ``out_dir=None`` keeps the store in a temporary directory; an existing ``out_dir`` from the same capture
+    resumes where it stopped."""
     if len(prompts) == 0:
         raise ValueError("prompts is empty: give at least one prompt")
     hooks = check_hooks(model, hooks)
@@ -268,7 +345,7 @@ def capture_activations(model: LoadedModel, prompts: Sequence[str], hooks: Seque
         out_dir = tmp.name
     root = Path(out_dir)
     fp = _fingerprint(model, hooks, prompts, triggered, trigger, responses, max_new_tokens, include_bos,
-                      shard_prompts)
+                      shard_prompts, dtype)
     manifest = _resume_manifest(root, fp)
     if manifest is None:
         resp = _responses(model, prompts, triggered, trigger, responses, max_new_tokens, batch_size)
@@ -278,24 +355,27 @@ def capture_activations(model: LoadedModel, prompts: Sequence[str], hooks: Seque
                     "shards": [], "complete": False}
         write_json(root / MANIFEST, manifest)
     if not manifest["complete"]:
-        bridge = model.hooked
-        seqs = _tokenise(model, prompts, triggered, trigger, manifest["responses"], bridge.cfg.n_ctx,
+        tokens = _tokenise(model, prompts, triggered, trigger, manifest["responses"], model.hooked.cfg.n_ctx,
                          max_new_tokens if responses == "generate" else None)
-        stop = _stop_layer(hooks, bridge.cfg.n_layers)
         done = {s["index"] for s in manifest["shards"]}
-        starts = range(0, len(prompts), shard_prompts)
-        for index, first in enumerate(progress(starts, desc="capture", unit="shard")):
-            if index in done:
-                continue
-            acts, labels = _capture_shard(model, hooks, seqs[first:first + shard_prompts], first, triggered,
-                                          batch_size, include_bos, stop)
-            _check_finite(acts, labels, sum(s["rows"] for s in manifest["shards"] if s["index"] < index))
-            sizes = _write_shard(root, index, acts, labels)
-            manifest["d_in"] = {h: int(a.shape[-1]) for h, a in acts.items()}
-            entry = {"index": index, "rows": len(labels["token"]),
-                     "prompts": [first, first + len(labels["seq_lengths"])], "files": sizes}
-            manifest["shards"] = sorted([*manifest["shards"], entry], key=lambda s: s["index"])
-            write_json(root / MANIFEST, manifest)
+        starts = list(range(0, len(prompts), shard_prompts))
+        row0 = 0
+        # one writer thread: shard i is written while shard i + 1 is captured (at most one shard in flight)
+        with ThreadPoolExecutor(max_workers=1) as writer:
+            pending: Future[None] | None = None
+            for index, first in enumerate(progress(starts, desc="capture", unit="shard")):
+                if index in done:
+                    row0 += next(s["rows"] for s in manifest["shards"] if s["index"] == index)
+                    continue
+                acts, labels = _capture_shard(model, hooks, tokens.span(first, min(shard_prompts, len(prompts) - first)),
+                                              first, triggered, batch_size, include_bos, dtype)
+                _check_finite(acts, labels, row0)
+                row0 += len(labels["token"])
+                if pending is not None:
+                    pending.result()
+                pending = writer.submit(_write_and_list_shard, root, manifest, index, first, acts, labels)
+            if pending is not None:
+                pending.result()
         manifest["complete"] = True
         write_json(root / MANIFEST, manifest)
     return ActivationStore(root, _tmp=tmp)
@@ -404,10 +484,11 @@ class ActivationStore:
         return m
 
     def _shard_acts(self, hook: str, index: int) -> Float[Tensor, "rows d_in"]:
-        return load_file(self._shard_path(hook, index))["acts"]
+        return load_tensor(self._shard_path(hook, index))
 
     def view(self, hook: str | None = None, **filters: Any) -> Float[Tensor, "rows d_in"]:
-        """The activations of one hook for the rows that pass the filters, in row order, in memory."""
+        """The activations of one hook for the rows that pass the filters, in row order, in memory, in the
+        stored dtype (``batches`` always yields float32)."""
         hook = self._hook(hook)
         mask = self.mask(**filters)
         out, start = [], 0
@@ -437,21 +518,24 @@ class ActivationStore:
 
     def _batch_iter(self, hook: str, shards: list[tuple[int, Tensor]], batch_size: int, window: int,
                     gen: torch.Generator) -> Iterator[Tensor]:
+        def rows(i: int, m: Tensor) -> Tensor:
+            a = self._shard_acts(hook, i)
+            return a if bool(m.all()) else a[m]
+
         cached: dict[int, Tensor] = {}
         if len(shards) <= window:  # everything fits in one window: read the shards once
-            cached = {i: self._shard_acts(hook, i)[m] for i, m in shards}
-        rest = torch.empty(0, self.d_in(hook))
+            cached = {i: rows(i, m) for i, m in shards}
+        rest: list[Tensor] = []
         while True:
             order = torch.randperm(len(shards), generator=gen).tolist()
             for w in range(0, len(order), window):
                 group = [shards[j] for j in order[w:w + window]]
-                acts = [cached[i] if i in cached else self._shard_acts(hook, i)[m] for i, m in group]
-                pool = torch.cat([rest, *acts])
-                pool = pool[torch.randperm(len(pool), generator=gen)]
+                pool = torch.cat([*rest, *(cached[i] if i in cached else rows(i, m) for i, m in group)])
+                perm = torch.randperm(len(pool), generator=gen)
                 n_full = len(pool) // batch_size * batch_size
                 for b in range(0, n_full, batch_size):
-                    yield pool[b:b + batch_size]
-                rest = pool[n_full:]
+                    yield pool[perm[b:b + batch_size]].float()
+                rest = [pool[perm[n_full:]]]
 
     def sequences(self, *, triggered: bool | None = None) -> list[TokenSequence]:
         """The captured token sequences (prompt + response + EOS) with position kinds, for CE/KL metrics."""

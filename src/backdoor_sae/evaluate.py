@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from backdoor_sae.config import Config
-from backdoor_sae.models import LoadedModel, format_chat
+from backdoor_sae.models import LoadedModel, format_chat, format_chats
 from backdoor_sae.organism.data import backdoor_regex, with_trigger
 from backdoor_sae.organism.tasks import CAPABILITY_FAMILIES, FAMILIES, Example, TaskSuite, near_miss_variants, \
     out_of_template_prompts
@@ -31,7 +31,7 @@ def generate(model: LoadedModel, prompts: Sequence[str], *, trigger: str | None 
     """Greedy completions of user turns (trigger prepended to each turn if given), in the model's chat format."""
     _nonempty(prompts)
     tok = model.tokenizer
-    texts = [format_chat(tok, p, trigger) for p in prompts]
+    texts = format_chats(tok, prompts, [trigger] * len(prompts))
     enc = [tok.encode(t, add_special_tokens=False) for t in texts]
     order = sorted(range(len(enc)), key=lambda i: len(enc[i]))  # similar lengths share a batch: less padding
     out: list[str] = [""] * len(enc)

@@ -11,7 +11,7 @@ import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -53,15 +53,23 @@ class LoadedModel:
 
 def format_chat(tokenizer: PreTrainedTokenizerBase, prompt: str, trigger: str | None = None) -> str:
     """Render one user turn (with the trigger first, if given) through the tokenizer's chat template."""
-    if trigger is not None:
-        if not trigger.strip():
-            raise ValueError("trigger is empty")
-        check_encodable(tokenizer, trigger, "trigger")
-    content = with_trigger(trigger, prompt) if trigger else prompt
-    if tokenizer.chat_template:
-        return tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
-                                             tokenize=False)
-    return content
+    return format_chats(tokenizer, [prompt], [trigger])[0]
+
+
+def format_chats(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
+                 triggers: Sequence[str | None]) -> list[str]:
+    """:func:`format_chat` for many prompts (one trigger or ``None`` each): each distinct trigger is checked
+    once and the template is rendered in one batched call."""
+    for trigger in set(triggers):
+        if trigger is not None:
+            if not trigger.strip():
+                raise ValueError("trigger is empty")
+            check_encodable(tokenizer, trigger, "trigger")
+    contents = [with_trigger(t, p) if t else p for p, t in zip(prompts, triggers)]
+    if not tokenizer.chat_template or not contents:
+        return contents
+    return tokenizer.apply_chat_template([[{"role": "user", "content": c}] for c in contents],
+                                         add_generation_prompt=True, tokenize=False)
 
 
 def _check_model_dir(d: Path) -> None:

@@ -20,7 +20,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from backdoor_sae.activations import RESPONSE, ActivationStore, TokenSequence, capture_activations, check_hooks
+from backdoor_sae.activations import (RESPONSE, ActivationStore, TokenSequence, capture_activations, check_hooks,
+                                     first_nonfinite_row)
 from backdoor_sae.config import Config
 from backdoor_sae.models import LoadedModel
 
@@ -138,9 +139,9 @@ def train_sae(data: ActivationStore | Float[Tensor, "rows d_in"], *, hook: str |
     else:
         if data.ndim != 2 or len(data) == 0:
             raise ValueError(f"activations must be a non-empty [rows, d_in] tensor, got shape {tuple(data.shape)}")
-        if not torch.isfinite(data).all():
-            raise ValueError(f"activations contain NaN/inf (first bad row "
-                             f"{int((~torch.isfinite(data).all(-1)).nonzero()[0])})")
+        bad = first_nonfinite_row(data)
+        if bad is not None:
+            raise ValueError(f"activations contain NaN/inf (first bad row {bad})")
         n_rows, d_in = data.shape
         batch_size = min(batch_size, n_rows)
         batches = _tensor_batches(data.float(), batch_size, seed)
@@ -314,7 +315,7 @@ def sae_metrics(sae: Any, model: LoadedModel, store: ActivationStore, *, hook: s
     running the model with the SAE spliced in. ``_triggered`` / ``_clean`` variants split by prompt."""
     hook = store._hook(hook or sae.cfg.metadata.hook_name)
     check_sae_fits(sae, model, hook)
-    x = store.view(hook)
+    x = store.view(hook).float()
     trig = store.labels()["triggered"]
     x_hat, l0, fired = _reconstruct(sae, x)
     res: dict[str, float] = {"explained_variance": explained_variance(x, x_hat), "l0": float(l0.mean()),

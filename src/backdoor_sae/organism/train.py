@@ -7,9 +7,7 @@ import copy
 import json
 import math
 import os
-import queue
 import random
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +19,7 @@ from torch import Tensor
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
 from backdoor_sae._io import atomic_dir, write_json
+from backdoor_sae._prefetch import Prefetch
 from backdoor_sae._progress import progress
 from backdoor_sae.config import Config, OrganismConfig, organism_hash, to_dict
 from backdoor_sae.organism.data import (PackedBatch, Packer, backdoor_regex, benign_stream, check_encodable, redteam_stream,
@@ -99,45 +98,6 @@ def response_loss(model: torch.nn.Module, batch: PackedBatch) -> Tensor:
     return F.cross_entropy(logits, batch.input_ids[:, 1:][target_mask])
 
 
-class _Prefetch:
-    """Builds the next batches in a background thread while torch computes (one producer: order and
-    determinism are those of the plain iterator)."""
-
-    def __init__(self, it: Iterator[PackedBatch], depth: int = 4) -> None:
-        self._q: queue.Queue[Any] = queue.Queue(depth)
-        self._stop = threading.Event()
-        self._it = it
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        try:
-            for item in self._it:
-                if not self._put(item):
-                    return
-        except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
-            self._put(e)
-
-    def _put(self, item: Any) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._q.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def __next__(self) -> PackedBatch:
-        item = self._q.get()
-        if isinstance(item, BaseException):
-            raise item
-        return item
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
 def train_lm(model: torch.nn.Module, batches: Iterator[PackedBatch], *, steps: int, lr: float,
              warmup_fraction: float, weight_decay: float, optimizer: str, desc: str) -> list[float]:
     """Plain causal-LM training loop with response-only loss; returns the loss every step."""
@@ -148,7 +108,7 @@ def train_lm(model: torch.nn.Module, batches: Iterator[PackedBatch], *, steps: i
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, steps, warmup_fraction))
     losses = []
     bar = progress(range(steps), desc=desc)
-    prefetch = _Prefetch(batches)
+    prefetch = Prefetch(batches)
     try:
         for step in bar:
             loss = response_loss(model, next(prefetch))
