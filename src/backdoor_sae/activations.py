@@ -203,7 +203,7 @@ def _forward_recorded(model: LoadedModel, ids: Int[Tensor, "batch pos"], got: di
                       hooks: Sequence[str]) -> None:
     got.clear()
     try:
-        model.hf(input_ids=ids, use_cache=False)
+        model.hf(input_ids=ids.to(model.hf.device), use_cache=False)
     except _AllHooksFired:
         pass
     missing = [h for h in hooks if h not in got]
@@ -243,7 +243,7 @@ def _capture_shard(model: LoadedModel, hooks: Sequence[str], tokens: _Tokens, fi
             dest = (offsets[idx, None] + pos - skip)[keep]  # each kept (row, position)'s row in the shard
             _forward_recorded(model, ids, got, hooks)
             for h in hooks:
-                a = got[h]
+                a = got[h].cpu()
                 if h not in acts:
                     acts[h] = aligned_empty(int(kept.sum()), a.shape[-1], dtype or a.dtype)
                 acts[h][dest] = a[keep].to(acts[h].dtype)
