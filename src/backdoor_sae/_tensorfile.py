@@ -48,10 +48,15 @@ def _write_all(fd: int, data: memoryview) -> None:
 def save_tensor(t: Tensor, path: str | Path, name: str = "acts") -> None:
     """Write ``{name: t}`` as a safetensors file, the data bypassing the page cache when possible."""
     t = t.contiguous()
+    if not _save_direct(t, path, name):
+        save_file({name: t}, str(path))
+
+
+def _save_direct(t: Tensor, path: str | Path, name: str) -> bool:
+    """The ``O_DIRECT`` write; ``False`` (and nothing usable written) where it cannot be done."""
     nbytes = t.numel() * t.element_size()
     if not _DIRECT or t.dtype not in _DTYPES or t.data_ptr() % _ALIGN or nbytes < _ALIGN:
-        save_file({name: t}, str(path))
-        return
+        return False
     header = json.dumps({name: {"dtype": _DTYPES[t.dtype], "shape": list(t.shape),
                                 "data_offsets": [0, nbytes]}}).encode()
     head = mmap.mmap(-1, _round_up(8 + len(header)))
@@ -62,8 +67,7 @@ def save_tensor(t: Tensor, path: str | Path, name: str = "acts") -> None:
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _DIRECT, 0o644)
     except OSError:  # the filesystem refuses O_DIRECT (tmpfs)
-        save_file({name: t}, str(path))
-        return
+        return False
     try:
         _write_all(fd, memoryview(head))
         _write_all(fd, data[:body])
@@ -73,21 +77,27 @@ def save_tensor(t: Tensor, path: str | Path, name: str = "acts") -> None:
             fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~_DIRECT)
             _write_all(fd, data[body:])
     except OSError:
+        return False
+    finally:
         os.close(fd)
-        save_file({name: t}, str(path))
-        return
-    os.close(fd)
+    return True
 
 
 def load_tensor(path: str | Path, name: str = "acts") -> Tensor:
     """Read one tensor of a safetensors file; ``O_DIRECT`` when the data is aligned (files of
     :func:`save_tensor`), else safetensors' ``load_file``."""
+    t = _load_direct(path, name)
+    return t if t is not None else load_file(str(path))[name]
+
+
+def _load_direct(path: str | Path, name: str) -> Tensor | None:
+    """The ``O_DIRECT`` read; ``None`` where it cannot be done."""
     with open(path, "rb") as f:
         n = struct.unpack("<Q", f.read(8))[0]
         info = json.loads(f.read(n))[name]
     start, end = (8 + n + o for o in info["data_offsets"])
     if not _DIRECT or start % _ALIGN or info["dtype"] not in _CODES:
-        return load_file(str(path))[name]
+        return None
     dtype, nbytes = _CODES[info["dtype"]], end - start
     if nbytes == 0:
         return torch.empty(info["shape"], dtype=dtype)
@@ -96,16 +106,15 @@ def load_tensor(path: str | Path, name: str = "acts") -> Tensor:
     try:
         fd = os.open(path, os.O_RDONLY | _DIRECT)
     except OSError:
-        return load_file(str(path))[name]
+        return None
     try:
         while got < nbytes:
             k = os.preadv(fd, [view[got:]], start + got)
             if k <= 0 or (got + k < nbytes and k % _ALIGN):
-                raise OSError(f"short read of {path}")
+                return None  # a short read that O_DIRECT cannot continue from
             got += k
     except OSError:
-        return load_file(str(path))[name]
+        return None
     finally:
         os.close(fd)
     return torch.frombuffer(buf, dtype=dtype, count=nbytes // dtype.itemsize).view(info["shape"])
-

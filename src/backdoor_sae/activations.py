@@ -274,9 +274,12 @@ def _save_atomic(tensors: dict[str, Tensor], path: Path) -> int:
     return path.stat().st_size
 
 
+def _shard_name(index: int) -> str:
+    return f"shard_{index:05d}.safetensors"
+
+
 def _shard_files(hooks: Sequence[str], index: int) -> list[str]:
-    name = f"shard_{index:05d}.safetensors"
-    return [f"labels/{name}", *[f"{h}/{name}" for h in hooks]]
+    return [f"{what}/{_shard_name(index)}" for what in ("labels", *hooks)]
 
 
 def _write_shard(root: Path, index: int, acts: dict[str, Tensor], labels: dict[str, Tensor]) -> dict[str, int]:
@@ -356,7 +359,7 @@ def capture_activations(model: LoadedModel, prompts: Sequence[str], hooks: Seque
         write_json(root / MANIFEST, manifest)
     if not manifest["complete"]:
         tokens = _tokenise(model, prompts, triggered, trigger, manifest["responses"], model.hooked.cfg.n_ctx,
-                         max_new_tokens if responses == "generate" else None)
+                           max_new_tokens if responses == "generate" else None)
         done = {s["index"] for s in manifest["shards"]}
         starts = list(range(0, len(prompts), shard_prompts))
         row0 = 0
@@ -367,8 +370,8 @@ def capture_activations(model: LoadedModel, prompts: Sequence[str], hooks: Seque
                 if index in done:
                     row0 += next(s["rows"] for s in manifest["shards"] if s["index"] == index)
                     continue
-                acts, labels = _capture_shard(model, hooks, tokens.span(first, min(shard_prompts, len(prompts) - first)),
-                                              first, triggered, batch_size, include_bos, dtype)
+                span = tokens.span(first, min(shard_prompts, len(prompts) - first))
+                acts, labels = _capture_shard(model, hooks, span, first, triggered, batch_size, include_bos, dtype)
                 _check_finite(acts, labels, row0)
                 row0 += len(labels["token"])
                 if pending is not None:
@@ -453,7 +456,7 @@ class ActivationStore:
         return hook
 
     def _shard_path(self, what: str, index: int) -> Path:
-        return self.root / what / f"shard_{index:05d}.safetensors"
+        return self.root / what / _shard_name(index)
 
     def labels(self, **filters: Any) -> dict[str, Tensor]:
         """Row labels (``triggered``, ``prompt_id``, ``position``, ``position_kind``, ``token``), filtered."""
@@ -483,6 +486,16 @@ class ActivationStore:
                              f"prompt_ids={'given' if prompt_ids is not None else None}) in {self.root}")
         return m
 
+    def _shard_masks(self, **filters: Any) -> list[tuple[int, Tensor]]:
+        """``(shard index, row mask within the shard)`` for every shard with a row that passes the filters."""
+        mask, out, start = self.mask(**filters), [], 0
+        for s in self.manifest["shards"]:
+            m = mask[start:start + s["rows"]]
+            if m.any():
+                out.append((s["index"], m))
+            start += s["rows"]
+        return out
+
     def _shard_acts(self, hook: str, index: int) -> Float[Tensor, "rows d_in"]:
         return load_tensor(self._shard_path(hook, index))
 
@@ -490,14 +503,7 @@ class ActivationStore:
         """The activations of one hook for the rows that pass the filters, in row order, in memory, in the
         stored dtype (``batches`` always yields float32)."""
         hook = self._hook(hook)
-        mask = self.mask(**filters)
-        out, start = [], 0
-        for s in self.manifest["shards"]:
-            m = mask[start:start + s["rows"]]
-            if m.any():
-                out.append(self._shard_acts(hook, s["index"])[m])
-            start += s["rows"]
-        return torch.cat(out)
+        return torch.cat([self._shard_acts(hook, i)[m] for i, m in self._shard_masks(**filters)])
 
     def batches(self, hook: str | None = None, batch_size: int = 4096, *, seed: int = 0, shuffle_shards: int = 8,
                 **filters: Any) -> Iterator[Float[Tensor, "batch d_in"]]:
@@ -506,15 +512,8 @@ class ActivationStore:
         hook = self._hook(hook)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        mask = self.mask(**filters)
-        shards, start = [], 0
-        for s in self.manifest["shards"]:
-            m = mask[start:start + s["rows"]]
-            if m.any():
-                shards.append((s["index"], m))
-            start += s["rows"]
         gen = torch.Generator().manual_seed(seed)
-        return self._batch_iter(hook, shards, batch_size, max(1, shuffle_shards), gen)
+        return self._batch_iter(hook, self._shard_masks(**filters), batch_size, max(1, shuffle_shards), gen)
 
     def _batch_iter(self, hook: str, shards: list[tuple[int, Tensor]], batch_size: int, window: int,
                     gen: torch.Generator) -> Iterator[Tensor]:
