@@ -252,16 +252,21 @@ def explained_variance(x: Float[Tensor, "rows d"], x_hat: Float[Tensor, "rows d"
 
 
 @torch.no_grad()
-def _reconstruct(sae: Any, x: Tensor, chunk: int = 8192) -> tuple[Tensor, Tensor, Tensor]:
-    """Reconstruction, active-latent count per row, and which latents fired at all."""
+def _reconstruct(sae: Any, x: Tensor, groups: Sequence[Tensor] = (),
+                 chunk: int = 8192) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
+    """Reconstruction, active-latent count per row, which latents fired at all, and which fired within each
+    row group (boolean row masks), from one pass of the SAE."""
     x_hats, l0s, fired = [], [], torch.zeros(sae.cfg.d_sae, dtype=torch.bool)
+    fired_in = [torch.zeros(sae.cfg.d_sae, dtype=torch.bool) for _ in groups]
     for b in range(0, len(x), chunk):
         f = sae.encode(x[b:b + chunk])
         x_hats.append(sae.decode(f))
         active = f != 0
         l0s.append(active.sum(-1).float())
         fired |= active.any(0)
-    return torch.cat(x_hats), torch.cat(l0s), fired
+        for g, fg in zip(groups, fired_in):
+            fg |= active[g[b:b + chunk]].any(0)
+    return torch.cat(x_hats), torch.cat(l0s), fired, fired_in
 
 
 def _response_logp(model: LoadedModel, ids: Tensor, target: Tensor) -> Tensor:
@@ -317,14 +322,14 @@ def sae_metrics(sae: Any, model: LoadedModel, store: ActivationStore, *, hook: s
     check_sae_fits(sae, model, hook)
     x = store.view(hook).float()
     trig = store.labels()["triggered"]
-    x_hat, l0, fired = _reconstruct(sae, x)
+    x_hat, l0, fired, fired_in = _reconstruct(sae, x, (trig, ~trig))
     res: dict[str, float] = {"explained_variance": explained_variance(x, x_hat), "l0": float(l0.mean()),
                              "dead_fraction": float(1 - fired.float().mean()), "n_rows": float(len(x))}
-    for tag, m in (("triggered", trig), ("clean", ~trig)):
+    for tag, m, fired_m in (("triggered", trig, fired_in[0]), ("clean", ~trig, fired_in[1])):
         if m.any():
             res[f"explained_variance_{tag}"] = explained_variance(x[m], x_hat[m])
             res[f"l0_{tag}"] = float(l0[m].mean())
-            res[f"dead_fraction_{tag}"] = float(1 - _reconstruct(sae, x[m])[2].float().mean())
+            res[f"dead_fraction_{tag}"] = float(1 - fired_m.float().mean())
     seqs = store.sequences()
     ce = _ce_metrics(model, sae, hook, seqs, batch_size)
     seq_trig = torch.tensor([q.triggered for q in seqs])[ce["owner"]]
