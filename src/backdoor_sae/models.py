@@ -31,6 +31,7 @@ class LoadedModel:
     bridge: Any = None  # transformer_lens.model_bridge.TransformerBridge
     path: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
+    hook_widths: dict[str, int] = field(default_factory=dict, repr=False)  # filled by sae.hook_width
 
     @property
     def trigger(self) -> str | None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import random
 import time
+import weakref
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -20,6 +21,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from backdoor_sae._batching import padded_batches
 from backdoor_sae.activations import (RESPONSE, ActivationStore, TokenSequence, capture_activations, check_hooks,
                                      first_nonfinite_row)
 from backdoor_sae.config import Config
@@ -184,6 +186,14 @@ def train_saes(store: ActivationStore, hooks: Sequence[str] | None = None, **kwa
 
 # ------------------------------------------------------------------------------------------- save / load
 
+_PATHS: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
+
+
+def sae_path(sae: Any) -> str | None:
+    """Where an SAE was last saved to or loaded from (``None`` for one only in memory): edits name it in JSON."""
+    return _PATHS.get(sae)
+
+
 def save_sae(sae: Any, path: str | Path) -> Path:
     """Write the SAE in the sae-lens format (``cfg.json`` + ``sae_weights.safetensors``), atomically."""
     from backdoor_sae._io import atomic_dir
@@ -191,6 +201,7 @@ def save_sae(sae: Any, path: str | Path) -> Path:
     path = Path(path)
     with atomic_dir(path) as tmp:
         sae.save_model(tmp)
+    _PATHS[sae] = str(path.resolve())
     return path
 
 
@@ -201,23 +212,39 @@ def load_sae(path: str | Path) -> Any:
     path = Path(path)
     if not (path / "cfg.json").is_file():
         raise FileNotFoundError(f"no sae-lens SAE at {path} (missing cfg.json)")
-    return SAE.load_from_disk(str(path), device="cpu").eval()
+    sae = SAE.load_from_disk(str(path), device="cpu").eval()
+    _PATHS[sae] = str(path.resolve())
+    return sae
+
+
+def load_saes(directory: str | Path) -> dict[str, Any]:
+    """Every SAE in a folder of ``<hook>/`` sub-folders (as ``sae_stage`` writes them), keyed by hook name."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"SAE folder not found: {directory}")
+    saes = {p.name: load_sae(p) for p in sorted(directory.iterdir()) if (p / "cfg.json").is_file()}
+    if not saes:
+        raise FileNotFoundError(f"no SAEs in {directory} (expected <hook>/cfg.json sub-folders)")
+    return saes
 
 
 def check_sae_fits(sae: Any, model: LoadedModel, hook: str) -> None:
     """Refuse an SAE whose input width differs from the hook's activation width, naming both."""
-    check_hooks(model, [hook])
-    width = _hook_width(model, hook)
+    width = hook_width(model, hook)
     if sae.cfg.d_in != width:
         raise ValueError(f"SAE width d_in={sae.cfg.d_in} does not match hook {hook!r} width {width}")
 
 
-def _hook_width(model: LoadedModel, hook: str) -> int:
-    """Width of a hook's activation, from a one-token forward pass (works for any hook, not only d_model)."""
-    bridge = model.hooked
-    with torch.no_grad():
-        _, cache = bridge.run_with_cache(torch.tensor([[model.tokenizer.bos_token_id or 0]]), names_filter=[hook])
-    return int(cache[hook].shape[-1])
+def hook_width(model: LoadedModel, hook: str) -> int:
+    """Width of a hook's activation, from a one-token forward pass (works for any hook, not only d_model);
+    refuses a hook the model lacks. Cached on the model."""
+    if hook not in model.hook_widths:
+        check_hooks(model, [hook])
+        with torch.no_grad():
+            _, cache = model.hooked.run_with_cache(torch.tensor([[model.tokenizer.bos_token_id or 0]],
+                                                                device=model.hf.device), names_filter=[hook])
+        model.hook_widths[hook] = int(cache[hook].shape[-1])
+    return model.hook_widths[hook]
 
 
 # ----------------------------------------------------------------------------------------------- splicing
@@ -283,16 +310,10 @@ def _ce_metrics(model: LoadedModel, sae: Any, hook: str, seqs: Sequence[TokenSeq
     pad = model.tokenizer.pad_token_id or 0
     variants = (("spliced", {}), ("error", {"error_term": True}), ("zero", {"zero": True}))
     out: dict[str, list[Tensor]] = {}
-    for s in range(0, len(seqs), batch_size):
-        part = seqs[s:s + batch_size]
-        width = max(len(q.ids) for q in part)
-        ids = torch.full((len(part), width), pad, dtype=torch.long)
-        target = torch.zeros((len(part), width), dtype=torch.bool)
-        for r, q in enumerate(part):
-            ids[r, :len(q.ids)] = q.ids
-            target[r, :len(q.ids)] = q.kinds == RESPONSE
+    for s, ids, _, (kinds,) in padded_batches([q.ids for q in seqs], pad, batch_size, [q.kinds for q in seqs]):
+        target = kinds == RESPONSE
         nxt = ids[:, 1:][target[:, 1:]].unsqueeze(-1)
-        out.setdefault("owner", []).append((torch.arange(len(part)) + s).unsqueeze(1).expand_as(ids)[:, 1:]
+        out.setdefault("owner", []).append((torch.arange(len(ids)) + s).unsqueeze(1).expand_as(ids)[:, 1:]
                                            [target[:, 1:]])
         logp_clean = _response_logp(model, ids, target)
         out.setdefault("ce_clean", []).append(-logp_clean.gather(-1, nxt).squeeze(-1))
