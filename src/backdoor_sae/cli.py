@@ -16,8 +16,6 @@ from backdoor_sae.config import Config, load_config, organism_hash, to_dict
 
 
 def _quiet() -> None:
-    if os.environ.get("BACKDOOR_SAE_PROGRESS") == "0":
-        os.environ.setdefault("TQDM_DISABLE", "1")  # sae-lens' own training bars too
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
     import transformers

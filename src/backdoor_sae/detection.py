@@ -24,7 +24,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from backdoor_sae.activations import RESPONSE, ActivationStore, capture_activations
+from backdoor_sae.activations import capture_activations
+from backdoor_sae.store import RESPONSE, ActivationStore
 from backdoor_sae.attribution import FeatureScores, auroc
 from backdoor_sae.config import Config
 from backdoor_sae.directions import Directions, sample_rows

@@ -21,7 +21,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from backdoor_sae.activations import PROMPT, TRIGGER, ActivationStore
+from backdoor_sae.store import PROMPT, TRIGGER, ActivationStore
 
 METHODS = ("diffmean", "pca", "probe")
 ROWS = {"prompt": (PROMPT,), "prompt_and_trigger": (TRIGGER, PROMPT)}

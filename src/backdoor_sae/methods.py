@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from backdoor_sae.activations import ActivationStore
+from backdoor_sae.store import ActivationStore
 from backdoor_sae.attribution import FeatureScores
 from backdoor_sae.config import Config
 from backdoor_sae.directions import Directions, fit_directions

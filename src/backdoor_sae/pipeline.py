@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from backdoor_sae.activations import ActivationStore
+from backdoor_sae.store import ActivationStore
 from backdoor_sae.attribution import FeatureScores, attribute_trigger
 from backdoor_sae.config import Config
 from backdoor_sae.methods import MethodContext
@@ -35,7 +35,7 @@ def attribution_for(model: LoadedModel, cfg: Config, saes: dict[str, Any], store
     """Attribution scores, read from ``cache`` if they were computed for the same store and settings."""
     if cache.with_suffix(".safetensors").is_file():
         scores = FeatureScores.load(cache)
-        if scores.meta.get("store") == str(store.root) and scores.meta.get("seed") == cfg.seed \
+        if scores.meta.get("store") == str(store.root.resolve()) and scores.meta.get("seed") == cfg.seed \
                 and set(scores.hooks) == set(saes) and scores.meta.get("n_requested") == cfg.edit.n_attribution_prompts \
                 and scores.meta.get("iterative_steps") == iterative_steps(cfg):
             return scores
