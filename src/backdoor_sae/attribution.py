@@ -34,8 +34,8 @@ from torch import Tensor
 from backdoor_sae._batching import right_padded
 from backdoor_sae._io import atomic_file, write_json
 from backdoor_sae._progress import progress
-from backdoor_sae.store import PROMPT, RESPONSE, TRIGGER, ActivationStore
 from backdoor_sae.models import LoadedModel, format_chats
+from backdoor_sae.store import PROMPT, RESPONSE, TRIGGER, ActivationStore
 
 RANKINGS = ("attribution", "auroc", "contrast")
 STATS = ("attribution", "auroc", "contrast", "mean_trigger", "mean_prompt_triggered", "mean_prompt_clean",

@@ -148,36 +148,26 @@ def _parse_latents(text: str) -> list[int]:
 
 
 def cmd_edit(args: argparse.Namespace) -> int:
-    from backdoor_sae.editing import check_latents, feature_edit
     from backdoor_sae.evaluate import evaluate
-    from backdoor_sae.methods import check_method, run_method
+    from backdoor_sae.methods import SAE_METHODS, build_edit, check_method, run_method
     from backdoor_sae.pipeline import open_context
 
     check_method(args.method)
     cfg = _organism_config(args, Path(args.organism_dir))
     ctx = open_context(cfg, _model_dir(args.organism_dir), args.saes)
-    model, saes, scores = ctx.model, ctx.saes, ctx.scores
     if args.latents is not None:
-        modes = {"sae_ablate_trigger": ("zero", None), "sae_mean_ablate_trigger": ("mean", "clean_mean"),
-                 "sae_scale_trigger": ("scale", None)}
-        if args.method not in modes:
-            raise ValueError(f"--latents applies to the SAE methods ({', '.join(modes)}), not {args.method!r}")
-        hook = args.hook or ctx.best_hook
-        if hook not in saes:
-            raise ValueError(f"no SAE for hook {hook!r} in {args.saes}; SAEs: {', '.join(saes)}")
+        if args.method not in SAE_METHODS:
+            raise ValueError(f"--latents applies to the SAE methods ({', '.join(SAE_METHODS)}), not {args.method!r}")
         latents = _parse_latents(args.latents)
-        check_latents(saes[hook], hook, latents)
-        mode, stat = modes[args.method]
-        value = scores.stats[hook][stat][latents] if stat else (args.value if mode == "scale" else None)
-        edit = feature_edit({hook: (saes[hook], latents)}, mode=mode, positions=args.positions, value=value)
-        record = {**evaluate(model, cfg, edit=edit), "method": args.method, "hooks": edit.hooks,
+        params = {"latents": {args.hook or ctx.best_hook: latents}, "positions": args.positions,
+                  "scale": args.value}
+        edit = build_edit(ctx, args.method, params)
+        record = {**evaluate(ctx.model, cfg, edit=edit), "method": args.method, "hooks": edit.hooks,
                   "latents": latents, "n_edited": edit.n_edited, "trigger_known": True}
     else:
         edit = None
         record = run_method(ctx, args.method)
     if args.save_edit:
-        from backdoor_sae.methods import build_edit
-
         (edit or build_edit(ctx, args.method, record["params"])).save(args.save_edit)
     if args.json:
         print(json.dumps(record, indent=2))

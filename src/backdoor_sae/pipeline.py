@@ -12,12 +12,12 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from backdoor_sae.store import ActivationStore
 from backdoor_sae.attribution import FeatureScores, attribute_trigger
 from backdoor_sae.config import Config
 from backdoor_sae.methods import MethodContext
 from backdoor_sae.models import LoadedModel, load_model
-from backdoor_sae.sae import load_saes, save_sae, train_sae
+from backdoor_sae.sae import load_sae, load_saes, save_sae, train_sae
+from backdoor_sae.store import ActivationStore
 
 TRAIN_STORE = Path("activations") / "backdoored_train"
 
@@ -66,7 +66,7 @@ def clean_saes(cfg: Config, store: ActivationStore, hooks: list[str], out_dir: P
     for hook in hooks:
         path = out_dir / hook
         if (path / "cfg.json").is_file():
-            saes[hook] = load_saes(out_dir)[hook]
+            saes[hook] = load_sae(path)
             continue
         saes[hook] = train_sae(store, hook=hook, architecture=sc.architecture, d_sae=sc.d_sae, k=sc.k,
                                n_tokens=cfg.edit.clean_sae_tokens, batch_size=sc.batch_size, lr=sc.lr,
