@@ -193,7 +193,7 @@ def test_detect_section(model, store, saes):
 
     agnostic = clean_saes(replace(cfg, edit=EditConfig(clean_sae_tokens=1024)), store, HOOKS,
                           Path(tempfile.mkdtemp()) / "clean")
-    out = detect(model, cfg, store, held, scores=scores, saes=saes, directions=dirs, clean_saes=agnostic)
+    out = detect(cfg, store, held, scores=scores, saes=saes, directions=dirs, clean_saes=agnostic)
     assert set(out) == {"sae_latent", "diffmean", "probe", "rare_latents", "mahalanobis"}
     for name, d in out.items():
         assert 0.0 <= d["auroc"] <= 1.0 and 0.0 <= d["auroc_vs_near_miss"] <= 1.0

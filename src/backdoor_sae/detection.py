@@ -117,7 +117,7 @@ def agnostic_scores(train: ActivationStore, held: ActivationStore, hooks: list[s
 
 # ---------------------------------------------------------------------------------------------- the stage
 
-def detect(model: LoadedModel, cfg: Config, train: ActivationStore, held: ActivationStore, *,
+def detect(cfg: Config, train: ActivationStore, held: ActivationStore, *,
            scores: FeatureScores, saes: Mapping[str, Any], directions: Mapping[str, Directions],
            clean_saes: Mapping[str, Any]) -> dict[str, Any]:
     """The ``detection`` section: every detector's AUROC on ``held`` (a :func:`detection_store`)."""

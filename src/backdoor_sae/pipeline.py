@@ -120,7 +120,7 @@ def edit_stage(cfg: Config, model_dir: str | Path, sae_dir: str | Path,
     t = time.perf_counter()
     held = detection_store(model, cfg, hooks)
     best = ctx.best_hook
-    detection = detect(model, cfg, store, held, scores=scores, saes=saes,
+    detection = detect(cfg, store, held, scores=scores, saes=saes,
                        directions={"diffmean": ctx.directions(best, "diffmean"), "probe": ctx.directions(best, "probe")},
                        clean_saes=agnostic)
     timings["detection"] = time.perf_counter() - t
