@@ -261,7 +261,8 @@ def attribution_patching(model: LoadedModel, saes: Mapping[str, Any], prompts: l
 
 
 def iterative_attribution(model: LoadedModel, saes: Mapping[str, Any], prompts: list[str], *, steps: int,
-                          trigger: str, backdoor_text: str, batch_size: int = 32) -> list[dict[str, Any]]:
+                          trigger: str, backdoor_text: str, batch_size: int = 32,
+                          clean_tokens: Tensor | None = None) -> list[dict[str, Any]]:
     """Greedy attribution: ``steps`` times, zero-ablate the latents chosen so far (error term kept), run
     attribution patching *under that edit*, and add the top latent of all hooks. One pass ranks by the
     linearisation at the unedited model, where one dominant latent hides the rest; re-linearising after each
@@ -270,7 +271,8 @@ def iterative_attribution(model: LoadedModel, saes: Mapping[str, Any], prompts: 
 
     chosen: dict[str, list[int]] = {}
     order: list[dict[str, Any]] = []
-    good = first_response_tokens(model, prompts)  # the unedited model's clean answers stay the target
+    # the unedited model's clean answers stay the target
+    good = clean_tokens if clean_tokens is not None else first_response_tokens(model, prompts)
     for _ in progress(range(steps), desc="iterative attribution"):
         edit = feature_edit({h: (saes[h], lat) for h, lat in chosen.items()}) if chosen else None
         with apply_edit(model, edit) if edit else nullcontext():
@@ -308,12 +310,14 @@ def attribute_trigger(model: LoadedModel, saes: Mapping[str, Any], store: Activa
         raise ValueError(f"activation store {store.root} holds no triggered prompt to attribute")
     chosen = random.Random(f"attribution-{seed}").sample(triggered, min(n_prompts, len(triggered)))
     stats = {h: latent_stats(s, store, h, max_auroc_prompts=max_auroc_prompts, seed=seed) for h, s in saes.items()}
+    good = first_response_tokens(model, chosen)
     attr, err, used = attribution_patching(model, saes, chosen, trigger=trigger, backdoor_text=backdoor_text,
-                                           batch_size=batch_size)
+                                           batch_size=batch_size, clean_tokens=good)
     for h in saes:
         stats[h] = {"attribution": attr[h], **stats[h]}
     order = iterative_attribution(model, saes, chosen, steps=iterative_steps, trigger=trigger,
-                                  backdoor_text=backdoor_text, batch_size=batch_size) if iterative_steps else []
+                                  backdoor_text=backdoor_text, batch_size=batch_size,
+                                  clean_tokens=good) if iterative_steps else []
     meta = {"store": str(store.root.resolve()), "n_attribution_prompts": used, "seed": seed, "trigger": trigger,
             "iterative_steps": iterative_steps,
             "metric": "log p(first backdoor token) - log p(clean first token), first response position"}

@@ -9,6 +9,7 @@ import os
 import sys
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -68,10 +69,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from backdoor_sae.evaluate import evaluate
     from backdoor_sae.models import load_model
 
-    cfg = load_config(args.config, quick=args.quick)
     model = load_model(args.model_dir, bridge=False)
-    if model.meta.get("seed") is not None and args.config is None:
-        cfg = Config(seed=model.meta["seed"], organism=cfg.organism, eval=cfg.eval, sae=cfg.sae)
+    cfg = _config_for(args, model.meta)
     record = evaluate(model, cfg, trigger=args.trigger, backdoor_text=args.backdoor_text)
     print(json.dumps(record, indent=2) if args.json else _table(record))
     return 0
@@ -101,15 +100,19 @@ def cmd_sae(args: argparse.Namespace) -> int:
     return 0
 
 
-def _organism_config(args: argparse.Namespace, organism_dir: Path) -> Config:
-    """The config, with the organism's own seed when no config file was given (held-out splits follow it)."""
-    from dataclasses import replace
-
+def _config_for(args: argparse.Namespace, meta: dict[str, Any]) -> Config:
+    """The config, with the organism's own seed (from its ``organism.json`` ``meta``) when no config file was
+    given: the held-out splits follow the seed."""
     cfg = load_config(args.config, quick=args.quick)
-    meta = organism_dir / "organism.json"
-    if args.config is None and meta.is_file():
-        cfg = replace(cfg, seed=json.loads(meta.read_text()).get("seed", cfg.seed))
+    if args.config is None and meta.get("seed") is not None:
+        cfg = replace(cfg, seed=meta["seed"])
     return cfg
+
+
+def _organism_config(args: argparse.Namespace, organism_dir: Path) -> Config:
+    """:func:`_config_for` an organism directory (``organism.json`` at its root)."""
+    meta = Path(organism_dir) / "organism.json"
+    return _config_for(args, json.loads(meta.read_text()) if meta.is_file() else {})
 
 
 def _model_dir(organism_dir: str) -> Path:

@@ -31,7 +31,7 @@ from backdoor_sae.directions import Directions, sample_rows
 from backdoor_sae.models import LoadedModel
 from backdoor_sae.organism.data import with_trigger
 from backdoor_sae.organism.tasks import FAMILIES, TaskSuite, near_miss_variants
-from backdoor_sae.store import RESPONSE, ActivationStore
+from backdoor_sae.store import PROMPT, RESPONSE, TRIGGER, ActivationStore
 
 RowScore = Callable[[Float[Tensor, "rows d"]], Float[Tensor, " rows"]]
 GROUPS = ("clean", "triggered", "near_miss")
@@ -91,7 +91,7 @@ def mahalanobis_score(store: ActivationStore, hook: str, *, max_rows: int = 50_0
     """Row score: squared Mahalanobis distance to the store's **clean** prompt rows (Ledoit-Wolf covariance)."""
     from sklearn.covariance import LedoitWolf
 
-    x = sample_rows(store, hook, triggered=False, kinds=(0, 1), max_rows=max_rows, seed=seed)
+    x = sample_rows(store, hook, triggered=False, kinds=(TRIGGER, PROMPT), max_rows=max_rows, seed=seed)
     lw = LedoitWolf().fit(x.double().numpy())
     mean = torch.from_numpy(lw.location_).float()
     prec = torch.from_numpy(lw.precision_).float()

@@ -115,7 +115,7 @@ def clean_ce_kl(model: LoadedModel, examples: Sequence[Example], batch_size: int
     seqs, masks = _chat_sequences(model, examples)
     device = next(model.hf.parameters()).device
     ce, kl, count = 0.0, 0.0, 0
-    for _, ids, real, (resp,) in padded_batches(seqs, model.tokenizer.pad_token_id, batch_size, masks):
+    for _, ids, _, (resp,) in padded_batches(seqs, model.tokenizer.pad_token_id, batch_size, masks):
         ids, resp = ids.to(device), (resp == 1).to(device)
         tgt = resp[:, 1:]
         with response_positions(resp):
