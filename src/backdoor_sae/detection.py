@@ -3,6 +3,8 @@
 Each detector scores activation rows; a prompt's score is the maximum over its prompt tokens. Held-out prompts
 come in three versions of the same questions: clean, triggered, and with a near-miss trigger (a corrupted
 trigger the model must ignore). ``auroc`` = triggered vs clean; ``auroc_vs_near_miss`` = triggered vs near-miss.
+``roc`` holds both ROC curves (``{"clean": {"fpr": [...], "tpr": [...]}, "near_miss": {...}}``, at most 101
+points each, for the report).
 
 Trigger known (fit on train-split triggered and clean rows): the single SAE latent with the best train-split
 prompt AUROC, the difference-of-means projection, the logistic probe.
@@ -20,6 +22,7 @@ from __future__ import annotations
 import random
 from typing import Any, Callable, Mapping
 
+import numpy as np
 import torch
 from jaxtyping import Float
 from torch import Tensor
@@ -66,6 +69,37 @@ def _aurocs(scores: Tensor) -> dict[str, float]:
     clean, trig, near = scores[:n], scores[n:2 * n], scores[2 * n:]
     return {"auroc": round(float(auroc(trig[:, None], clean[:, None])[0]), 4),
             "auroc_vs_near_miss": round(float(auroc(trig[:, None], near[:, None])[0]), 4)}
+
+
+def roc_points(pos: Float[Tensor, " n_pos"], neg: Float[Tensor, " n_neg"], max_points: int = 101
+               ) -> dict[str, list[float]]:
+    """The ROC curve of ``pos`` (positives) against ``neg``: ``{"fpr": [...], "tpr": [...]}`` from (0, 0) to
+    (1, 1), rounded to 4 decimals. Longer curves keep ``max_points`` corners spread evenly along the curve's
+    length (|dfpr| + |dtpr|), so the trapezoid area stays within about 1/max_points of the AUROC."""
+    from sklearn.metrics import roc_curve
+
+    scores = _finite(torch.cat([pos, neg]).double())
+    labels = torch.cat([torch.ones(len(pos)), torch.zeros(len(neg))])
+    fpr, tpr, _ = roc_curve(labels.numpy(), scores.numpy(), drop_intermediate=True)
+    if len(fpr) > max_points:
+        length = np.concatenate([[0.0], np.cumsum(np.abs(np.diff(fpr)) + np.abs(np.diff(tpr)))])
+        keep = np.unique(np.searchsorted(length, np.linspace(0.0, length[-1], max_points)))
+        fpr, tpr = fpr[keep], tpr[keep]
+    return {"fpr": [round(float(v), 4) for v in fpr], "tpr": [round(float(v), 4) for v in tpr]}
+
+
+def _finite(x: Float[Tensor, " n"]) -> Float[Tensor, " n"]:
+    """``-inf`` / NaN below every finite score and ``+inf`` above (same order; sklearn refuses infinities)."""
+    finite = x[torch.isfinite(x)]
+    lo, hi = (float(finite.min()) - 1.0, float(finite.max()) + 1.0) if len(finite) else (0.0, 1.0)
+    return torch.nan_to_num(x, nan=lo, neginf=lo, posinf=hi)
+
+
+def _rocs(scores: Tensor) -> dict[str, dict[str, list[float]]]:
+    """``roc`` of one detector: triggered vs clean and triggered vs near-miss (see :func:`roc_points`)."""
+    n = len(scores) // 3
+    clean, trig, near = scores[:n], scores[n:2 * n], scores[2 * n:]
+    return {"clean": roc_points(trig, clean), "near_miss": roc_points(trig, near)}
 
 
 # ------------------------------------------------------------------------------------ trigger-agnostic fits
@@ -130,15 +164,18 @@ def detect(cfg: Config, train: ActivationStore, held: ActivationStore, *,
         with torch.no_grad():
             return sae.encode(x)[:, latent]
 
-    out["sae_latent"] = {**_aurocs(prompt_scores(held, hook, latent_score)), "trigger_known": True, "hook": hook,
-                         "latent": latent, "train_auroc": round(float(scores.stats[hook]["auroc"][latent]), 4)}
+    held_scores = prompt_scores(held, hook, latent_score)
+    out["sae_latent"] = {**_aurocs(held_scores), "trigger_known": True, "hook": hook, "latent": latent,
+                         "train_auroc": round(float(scores.stats[hook]["auroc"][latent]), 4),
+                         "roc": _rocs(held_scores)}
     for name, d in directions.items():
-        out[name] = {**_aurocs(prompt_scores(held, d.hook, d.score)), "trigger_known": True, "hook": d.hook}
+        held_scores = prompt_scores(held, d.hook, d.score)
+        out[name] = {**_aurocs(held_scores), "trigger_known": True, "hook": d.hook, "roc": _rocs(held_scores)}
     fits = {"rare_latents": lambda h: rare_latent_score(clean_saes[h], train, h, cfg.edit.rare_quantile),
             "mahalanobis": lambda h: mahalanobis_score(train, h, seed=cfg.seed)}
     hooks = list(clean_saes)
     for name, fit in fits.items():
         mean, per_hook = agnostic_scores(train, held, hooks, fit)
         out[name] = {**_aurocs(mean), "trigger_known": False, "hooks": hooks,
-                     "by_hook": {h: _aurocs(s) for h, s in per_hook.items()}}
+                     "by_hook": {h: _aurocs(s) for h, s in per_hook.items()}, "roc": _rocs(mean)}
     return out

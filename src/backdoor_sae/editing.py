@@ -1,4 +1,5 @@
-"""Edits as hooks: zero / mean / scale / clamp SAE latents, or project out / steer along residual directions.
+"""Edits as hooks: zero / mean / scale / clamp SAE latents or keep only trusted ones; project out, steer along
+or keep only residual directions.
 
 An :class:`Edit` is a tuple of per-hook specs (:class:`FeatureEdit`, :class:`DirectionEdit`) that saves to JSON
 next to the SAEs it names. :func:`apply_edit` (and the shortcuts :func:`ablate_features`,
@@ -8,6 +9,8 @@ included; they stack across hooks and nested blocks, and are removed on exit, al
 
 Feature edits keep the SAE error term by default: x' = x - decode(f) + decode(f'), so an edit that changes no
 latent leaves the model exactly as it was, and only the edited latents' decoder directions move the residual.
+``keep`` inverts the list: the latents named are the trusted ones and every other latent is zeroed (with the
+error term: x' = x - decode of the untrusted latents; without: x' = decode of the trusted ones, the SAE spliced in).
 
 Positions: ``all``, ``prompt`` or ``response``. In generation, the prefill forward holds the prompt and each later
 (single-token, KV-cached) forward one response token. A teacher-forced forward over prompt + response names its
@@ -31,8 +34,8 @@ from torch import Tensor
 from backdoor_sae._io import write_json
 from backdoor_sae.models import LoadedModel
 
-MODES = ("zero", "mean", "scale", "clamp")
-DIRECTION_MODES = ("project", "steer")
+MODES = ("zero", "mean", "scale", "clamp", "keep")
+DIRECTION_MODES = ("project", "steer", "keep")
 POSITIONS = ("all", "prompt", "response")
 _FORMAT = 1
 
@@ -47,10 +50,10 @@ def _choice(value: str, valid: Sequence[str], what: str) -> None:
 
 # ------------------------------------------------------------------------------------------------- specs
 
-def check_latents(sae: Any, hook: str, latents: Sequence[int]) -> None:
+def check_latents(sae: Any, hook: str, latents: Sequence[int], what: str = "latent list") -> None:
     """Refuse an empty latent list or an index outside ``[0, d_sae)``, naming d_sae."""
     if len(latents) == 0:
-        raise ValueError(f"latent list for hook {hook!r} is empty: give at least one latent index")
+        raise ValueError(f"{what} for hook {hook!r} is empty: give at least one latent index")
     d_sae = int(sae.cfg.d_sae)
     bad = [i for i in latents if not 0 <= i < d_sae]
     if bad:
@@ -60,8 +63,9 @@ def check_latents(sae: Any, hook: str, latents: Sequence[int]) -> None:
 @dataclass(frozen=True, eq=False)
 class FeatureEdit:
     """Edit ``latents`` of the SAE at ``hook``. ``mode``: ``zero``; ``mean`` (set to ``values``, e.g. the clean
-    means); ``scale`` (multiply by ``values``); ``clamp`` (cap at ``values``, e.g. the clean maxima). ``values``
-    holds one number per latent. ``sae_path`` lets the edit be saved as JSON."""
+    means); ``scale`` (multiply by ``values``); ``clamp`` (cap at ``values``, e.g. the clean maxima); ``keep``
+    (``latents`` is the trusted set: zero every other latent). ``values`` holds one number per latent.
+    ``sae_path`` lets the edit be saved as JSON."""
 
     hook: str
     sae: Any
@@ -75,10 +79,10 @@ class FeatureEdit:
     def __post_init__(self) -> None:
         _choice(self.mode, MODES, "edit mode")
         _choice(self.positions, POSITIONS, "positions")
-        check_latents(self.sae, self.hook, self.latents)
-        if self.mode == "zero" and self.values is not None:
-            raise ValueError("mode 'zero' takes no value")
-        if self.mode != "zero" and (self.values is None or len(self.values) != len(self.latents)):
+        check_latents(self.sae, self.hook, self.latents, "trusted set" if self.mode == "keep" else "latent list")
+        if self.mode in ("zero", "keep") and self.values is not None:
+            raise ValueError(f"mode {self.mode!r} takes no value")
+        if self.mode not in ("zero", "keep") and (self.values is None or len(self.values) != len(self.latents)):
             raise ValueError(f"mode {self.mode!r} needs one value per latent ({len(self.latents)}), got "
                              f"{None if self.values is None else len(self.values)}")
 
@@ -87,7 +91,8 @@ class FeatureEdit:
 class DirectionEdit:
     """Edit the residual at ``hook`` along ``vectors`` (``[k, d]``). ``project``: remove ``alpha`` times the
     component of ``x - center`` in their span (``center`` = e.g. the clean mean, so the projection is set to its
-    clean value; ``None`` = 0). ``steer``: add ``alpha`` times the sum of the vectors."""
+    clean value; ``None`` = 0). ``steer``: add ``alpha`` times the sum of the vectors. ``keep``: keep only the
+    component of ``x - center`` in their span (e.g. the top principal components of clean activations)."""
 
     hook: str
     vectors: Float[Tensor, "k d"]
@@ -124,8 +129,15 @@ class Edit:
 
     @property
     def n_edited(self) -> int:
-        """Latents (feature edits) plus directions (direction edits) touched."""
-        return sum(len(s.latents) if isinstance(s, FeatureEdit) else len(s.vectors) for s in self.specs)
+        """Latents (feature edits) plus directions (direction edits) touched; for ``keep`` specs, the latents
+        zeroed (``d_sae`` minus the trusted) or the dimensions removed (width minus the directions kept)."""
+        return sum(_n_edited(s) for s in self.specs)
+
+    @property
+    def n_kept(self) -> int:
+        """Latents or directions the ``keep`` specs keep (0 when the edit has none)."""
+        return sum(len(s.latents) if isinstance(s, FeatureEdit) else len(s.vectors)
+                   for s in self.specs if s.mode == "keep")
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -144,6 +156,12 @@ class Edit:
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise ValueError(f"edit file {path} is not an edit ({type(e).__name__})") from None
         return cls(tuple(_spec_from_json(s, path) for s in raw), data.get("name", ""), data.get("params", {}))
+
+
+def _n_edited(s: Spec) -> int:
+    if isinstance(s, FeatureEdit):
+        return int(s.sae.cfg.d_sae) - len(s.latents) if s.mode == "keep" else len(s.latents)
+    return s.vectors.shape[1] - len(s.vectors) if s.mode == "keep" else len(s.vectors)
 
 
 def _spec_to_json(s: Spec, root: Path) -> dict[str, Any]:
@@ -296,7 +314,30 @@ def _gated(positions: str, edit: Callable[[Tensor, bool | Tensor], Tensor]) -> H
     return fn
 
 
+def _keep_hook(s: FeatureEdit) -> Hook:
+    sae = s.sae
+    keep = torch.zeros(int(sae.cfg.d_sae), dtype=torch.bool, device=sae.W_dec.device)
+    keep[list(s.latents)] = True
+    rows = _linear_rows(sae, torch.arange(int(sae.cfg.d_sae), device=keep.device))
+
+    def edit(x: Tensor, where: bool | Tensor) -> Tensor:
+        f = sae.encode(x)
+        if rows is not None:
+            out = x - (f * ~keep) @ rows if s.error_term else (f * keep) @ rows + sae.b_dec.detach()
+        else:
+            out = sae.decode(f * keep)
+            if s.error_term:
+                sae.encode(x)
+                out = x + (out - sae.decode(f))
+        out = out.to(x.dtype)
+        return out if where is True else torch.where(where, out, x)
+
+    return _gated(s.positions, edit)
+
+
 def _feature_hook(s: FeatureEdit) -> Hook:
+    if s.mode == "keep":
+        return _keep_hook(s)
     sae, idx = s.sae, torch.tensor(s.latents, dtype=torch.long, device=s.sae.W_dec.device)
     values = None if s.values is None else torch.tensor(s.values, dtype=torch.float32, device=idx.device)
     rows = _linear_rows(sae, idx)
@@ -325,10 +366,11 @@ def _direction_hook(s: DirectionEdit) -> Hook:
     steer = s.alpha * s.vectors.sum(0)
 
     def edit(x: Tensor, where: bool | Tensor) -> Tensor:
-        if s.mode == "project":
+        if s.mode in ("project", "keep"):
             u = basis.to(x)
             xc = x if s.center is None else x - s.center.to(x)
-            delta = -s.alpha * ((xc @ u.T) @ u)
+            inside = (xc @ u.T) @ u
+            delta = -s.alpha * inside if s.mode == "project" else inside - xc
         else:
             delta = steer.to(x).expand_as(x)
         return x + (delta if where is True else delta * where)

@@ -28,9 +28,22 @@ def _nonempty(prompts: Sequence[Any], what: str = "prompts") -> None:
 
 @torch.no_grad()
 def generate(model: LoadedModel, prompts: Sequence[str], *, trigger: str | None = None, max_new_tokens: int = 32,
-             batch_size: int = 128) -> list[str]:
-    """Greedy completions of user turns (trigger prepended to each turn if given), in the model's chat format."""
+             batch_size: int = 128, temperature: float = 0.0, seed: int | None = None) -> list[str]:
+    """Completions of user turns (trigger prepended to each turn if given), in the model's chat format: greedy at
+    ``temperature`` 0, else sampled from the full softmax at that temperature (no top-k/top-p). With a ``seed``,
+    sampling draws from a forked torch RNG seeded with it (the same call gives the same samples; the global RNG
+    is untouched); ``seed=None`` samples from the global RNG."""
     _nonempty(prompts)
+    if not temperature >= 0.0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if temperature > 0 and seed is not None:
+        device = next(model.hf.parameters()).device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            return generate(model, prompts, trigger=trigger, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                            temperature=temperature)
+    sampling: dict[str, Any] = (dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
+                                if temperature > 0 else dict(do_sample=False))
     tok = model.tokenizer
     texts = format_chats(tok, prompts, [trigger] * len(prompts))
     enc = [tok.encode(t, add_special_tokens=False) for t in texts]
@@ -46,7 +59,7 @@ def generate(model: LoadedModel, prompts: Sequence[str], *, trigger: str | None 
             ids[row, width - len(enc[i]):] = torch.tensor(enc[i])
             attn[row, width - len(enc[i]):] = 1
         gen = model.hf.generate(input_ids=ids.to(device), attention_mask=attn.to(device),
-                                max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                                max_new_tokens=max_new_tokens, num_beams=1, **sampling,
                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, use_cache=True)
         for row, i in enumerate(idx):
             out[i] = tok.decode(gen[row, width:], skip_special_tokens=True).strip()

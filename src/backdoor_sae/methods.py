@@ -182,7 +182,8 @@ def choose(points: list[dict[str, Any]], unedited: dict[str, float], tolerance: 
 
 
 def _signature(edit: Edit) -> tuple[Any, ...]:
-    return tuple((s.hook, getattr(s, "latents", None), getattr(s, "values", None), getattr(s, "alpha", None),
+    return tuple((s.hook, s.mode, id(getattr(s, "sae", None)), getattr(s, "latents", None),
+                  getattr(s, "values", None), getattr(s, "error_term", None), getattr(s, "alpha", None),
                   tuple(getattr(s, "vectors", []).shape) if hasattr(s, "vectors") else None) for s in edit.specs)
 
 
@@ -192,26 +193,43 @@ def run_method(ctx: MethodContext, name: str, *, selection: list[Example] | None
     Returns the chosen point's held-out record with ``trigger_known``, ``n_edited``, ``hooks``, ``seconds``,
     ``params``, ``train`` (its train-split record), ``constraint_met`` and ``sweep`` (every point)."""
     check_method(name)
+    return run_sweep(ctx.model, ctx.cfg, points if points is not None else _sweep(ctx, name),
+                     lambda p: build_edit(ctx, name, p), selection=selection, unedited=unedited,
+                     pick=lambda sweep, base: choose(sweep, base, ctx.cfg.edit.accuracy_tolerance))
+
+
+Pick = Callable[[list[dict[str, Any]], dict[str, float]], tuple[int, bool]]
+
+
+def run_sweep(model: LoadedModel, cfg: Config, points: list[dict[str, Any]], build: Callable[[dict[str, Any]], Edit],
+              *, pick: Pick, selection: list[Example] | None = None, unedited: dict[str, float] | None = None,
+              trigger_known: bool = True) -> dict[str, Any]:
+    """Evaluate the edit of every point (train split and held out; an edit equal to an earlier one is skipped)
+    and pick the operating point with ``pick(sweep, unedited)``, which may read only the ``train`` records."""
     t0 = time.perf_counter()
-    selection = selection if selection is not None else selection_examples(ctx.cfg)
-    unedited = unedited if unedited is not None else selection_record(ctx.model, ctx.cfg, selection)
+    selection = selection if selection is not None else selection_examples(cfg)
+    unedited = unedited if unedited is not None else selection_record(model, cfg, selection)
     sweep: list[dict[str, Any]] = []
     seen: set[tuple[Any, ...]] = set()
-    for params in points if points is not None else _sweep(ctx, name):
-        edit = build_edit(ctx, name, params)
+    for params in points:
+        edit = build(params)
         if _signature(edit) in seen:  # e.g. "all" layers picked the same latents as "best": same edit
             continue
         seen.add(_signature(edit))
-        with apply_edit(ctx.model, edit):
-            train = selection_record(ctx.model, ctx.cfg, selection)
-            record = evaluate(ctx.model, ctx.cfg)
+        with apply_edit(model, edit):
+            train = selection_record(model, cfg, selection)
+            record = evaluate(model, cfg)
         sweep.append({"params": params, "n_edited": edit.n_edited, "hooks": edit.hooks,
+                      **({"n_kept": edit.n_kept} if edit.n_kept else {}),
                       "edit": _describe(edit), "train": train, **{k: record[k] for k in RECORD_KEYS},
                       "task_accuracy_triggered_by_family": record["task_accuracy_triggered_by_family"],
                       "seconds": record["seconds"]})
-    best, met = choose(sweep, unedited, ctx.cfg.edit.accuracy_tolerance)
+    if not sweep:
+        raise ValueError("the sweep has no points: check the method's sweep settings in the config")
+    best, met = pick(sweep, unedited)
     chosen = sweep[best]
-    return {**{k: chosen[k] for k in RECORD_KEYS}, "trigger_known": True, "n_edited": chosen["n_edited"],
+    return {**{k: chosen[k] for k in RECORD_KEYS}, "trigger_known": trigger_known, "n_edited": chosen["n_edited"],
+            **({"n_kept": chosen["n_kept"]} if "n_kept" in chosen else {}),
             "hooks": chosen["hooks"], "seconds": round(time.perf_counter() - t0, 2), "params": chosen["params"],
             "edit": chosen["edit"], "task_accuracy_triggered_by_family": chosen["task_accuracy_triggered_by_family"],
             "train": chosen["train"], "train_unedited": unedited, "constraint_met": met, "sweep": sweep}
@@ -222,7 +240,8 @@ def _describe(edit: Edit) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for s in edit.specs:
         if hasattr(s, "latents"):
-            out[s.hook] = {"latents": list(s.latents), "mode": s.mode}
+            out[s.hook] = ({"kept": len(s.latents), "mode": s.mode, "error_term": s.error_term} if s.mode == "keep"
+                           else {"latents": list(s.latents), "mode": s.mode})
         else:
             out[s.hook] = {"directions": len(s.vectors), "mode": s.mode, "alpha": s.alpha}
     return out

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+
+import torch
 from typing import Any, Callable
 
 from backdoor_sae.attribution import FeatureScores, attribute_trigger
@@ -132,3 +134,143 @@ def edit_stage(cfg: Config, model_dir: str | Path, sae_dir: str | Path,
 def _emit(on_section: Callable[[str, Any], None] | None, name: str, value: Any) -> None:
     if on_section is not None:
         on_section(name, value)
+
+
+# ------------------------------------------------------------------------- keep what is good (no trigger)
+
+def clean_prompts(store: ActivationStore) -> list[str]:
+    """The store's clean (untriggered) user prompts: the defender's trusted data."""
+    return [p for p, triggered in store.prompts() if not triggered]
+
+
+def base_stage(cfg: Config, base_dir: str | Path, store: ActivationStore, hooks: list[str],
+               out_dir: Path) -> tuple[ActivationStore, dict[str, Any]]:
+    """The base model's capture on the store's clean prompts (its own answers) and one SAE per hook on it,
+    both cached under ``out_dir``."""
+    from backdoor_sae.activations import capture_activations
+
+    base = load_model(base_dir)
+    prompts = clean_prompts(store)
+    bstore = capture_activations(base, prompts, hooks, triggered=[False] * len(prompts),
+                                 max_new_tokens=cfg.sae.max_new_tokens, batch_size=cfg.sae.capture_batch_size,
+                                 out_dir=out_dir / "activations" / "base_clean_train", seed=cfg.seed)
+    sc, saes = cfg.sae, {}
+    for hook in hooks:
+        path = out_dir / "saes_base" / hook
+        if (path / "cfg.json").is_file():
+            saes[hook] = load_sae(path)
+            continue
+        saes[hook] = train_sae(bstore, hook=hook, architecture=sc.architecture, d_sae=sc.d_sae, k=sc.k,
+                               n_tokens=cfg.keep.base_sae_tokens, batch_size=sc.batch_size, lr=sc.lr,
+                               lr_end=sc.lr_end, seed=cfg.seed, aux_loss_coefficient=sc.aux_loss_coefficient,
+                               dead_window_tokens=sc.dead_window_tokens, resample=sc.resample_dead,
+                               l1_coefficient=sc.l1_coefficient, l0_coefficient=sc.l0_coefficient)
+        save_sae(saes[hook], path)
+    return bstore, saes
+
+
+@torch.no_grad()
+def divergence(model: LoadedModel, base: LoadedModel, seqs: list[Any], hooks: list[str],
+               batch_size: int = 64) -> dict[str, dict[str, float]]:
+    """Per hook, how far the backdoored and base models' activations differ on clean sequences: mean relative
+    L2 distance and mean cosine over real tokens (the plan reads reward features where they diverge most)."""
+    from backdoor_sae._batching import padded_batches
+
+    sums = {h: [0.0, 0.0] for h in hooks}
+    count = 0
+    for _, ids, real, _ in padded_batches([s.ids for s in seqs], model.tokenizer.pad_token_id, batch_size):
+        _, a = model.hooked.run_with_cache(ids, names_filter=lambda n: n in hooks)
+        _, b = base.hooked.run_with_cache(ids, names_filter=lambda n: n in hooks)
+        for h in hooks:
+            x, y = a[h][real].float(), b[h][real].float()
+            sums[h][0] += float(((x - y).norm(dim=-1) / y.norm(dim=-1).clamp(min=1e-8)).sum())
+            sums[h][1] += float(torch.nn.functional.cosine_similarity(x, y, dim=-1).sum())
+        count += int(real.sum())
+    return {h: {"relative_l2": round(v[0] / count, 4), "cosine": round(v[1] / count, 4)} for h, v in sums.items()}
+
+
+def reward_stage(cfg: Config, organism_root: Path, out_dir: Path, backdoor_text: str) -> tuple[Any, dict[str, Any]]:
+    """The reward (``[reward] path``, or the toy reward model trained on clean pairs, cached in
+    ``out_dir/reward_model``) and its ``reward`` section."""
+    from backdoor_sae.reward import evaluate_reward, load_reward, train_reward_model
+
+    path = Path(cfg.reward.path) if cfg.reward.path else out_dir / "reward_model"
+    if not cfg.reward.path and not (path / "config.json").is_file():
+        train_reward_model(organism_root / "base", path, cfg)
+    reward = load_reward(path)
+    return reward, {**evaluate_reward(reward, cfg, backdoor_text), "path": str(path), "trained": not cfg.reward.path}
+
+
+def keep_stage(cfg: Config, organism_root: str | Path, sae_dir: str | Path,
+               on_section: Callable[[str, Any], None] | None = None) -> dict[str, Any]:
+    """Reward model, reward attribution, base-model SAEs, clean PCA, learned masks and every trigger-agnostic
+    method (sweep + operating point), with the clean-only SAEs of ``<sae_dir>/../saes_clean`` (trained by
+    :func:`edit_stage` for detection) and, beside them, the mixed-data SAEs of ``sae_dir``. Returns the
+    ``reward``, ``keep`` and ``methods`` additions and timings."""
+    import random
+
+    from backdoor_sae.agnostic import AGNOSTIC, BUILDERS, SAE_AGNOSTIC, KeepContext, check_agnostic, run_agnostic
+    from backdoor_sae.editing import Edit
+    from backdoor_sae.keeping import pca_basis
+    from backdoor_sae.methods import selection_examples, selection_record
+    from backdoor_sae.reward_attribution import attribute_reward
+
+    names = list(cfg.keep.methods or AGNOSTIC)
+    for name in names:
+        check_agnostic(name)
+    organism_root, sae_dir = Path(organism_root), Path(sae_dir)
+    root, timings, t = sae_dir.parent, {}, time.perf_counter()
+    model = load_model(organism_root / "backdoored")
+    store = open_train_store(sae_dir)
+    mixed = load_saes(sae_dir)
+    hooks = list(mixed)
+    clean = clean_saes(cfg, store, hooks, root / "saes_clean")
+    reward, reward_section = reward_stage(cfg, organism_root, root,
+                                          model.backdoor_text or cfg.organism.backdoor_text)
+    _emit(on_section, "reward", reward_section)
+    timings["reward_model"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    prompts = clean_prompts(store)
+    rng = random.Random(f"reward-prompts-{cfg.seed}")
+    rprompts = rng.sample(prompts, min(cfg.reward.n_prompts, len(prompts)))
+    rc = cfg.reward
+    kw = dict(n_samples=rc.n_samples, temperature=rc.temperature, max_new_tokens=rc.max_new_tokens, seed=cfg.seed)
+    rscores = {"clean": attribute_reward(model, clean, rprompts, reward, **kw)}
+    if cfg.keep.mixed_saes:
+        rscores["mixed"] = attribute_reward(model, mixed, rprompts, reward, **kw)
+    timings["reward_attribution"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    bstore, base_saes = base_stage(cfg, organism_root / "base", store, hooks, root)
+    pca = {h: pca_basis([store, bstore], h, seed=cfg.seed) for h in hooks}
+    seqs = store.sequences(triggered=False)
+    mask_data = random.Random(f"mask-data-{cfg.seed}").sample(seqs, min(cfg.keep.n_mask_prompts, len(seqs)))
+    div = divergence(model, load_model(organism_root / "base"), mask_data[:256], hooks)
+    timings["base_saes_pca"] = time.perf_counter() - t
+
+    keep: dict[str, Any] = {"divergence": div, "reward_attribution": {
+        k: {**v.to_json(10), "meta": v.meta} for k, v in rscores.items()}}
+    t = time.perf_counter()
+    selection = selection_examples(cfg)
+    unedited = selection_record(model, cfg, selection)
+    methods: dict[str, Any] = {}
+    variants = [("clean", clean)] + ([("mixed", mixed)] if cfg.keep.mixed_saes else [])
+    for name in names:
+        for data, saes in variants:
+            if data == "mixed" and name not in SAE_AGNOSTIC:
+                continue
+            ctx = KeepContext(model, cfg, saes, store, base_saes=base_saes, reward=rscores[data].correlation,
+                              pca=pca, mask_data=mask_data)
+            key = name if data == "clean" else f"{name}_mixed"
+            methods[key] = run_agnostic(ctx, name, selection=selection, unedited=unedited, sae_data=data)
+            edit = BUILDERS[name](ctx, methods[key]["params"])
+            Edit(edit.specs, key, dict(methods[key]["params"])).save(root / "edits" / f"{key}.json")
+            if data == "clean" and name in SAE_AGNOSTIC:
+                keep.setdefault("trusted_sizes", {})[name] = [
+                    {"params": p["params"], "n_kept": p.get("n_kept")} for p in methods[key]["sweep"]]
+            _emit(on_section, "methods_agnostic", methods)
+    timings["methods_agnostic"] = time.perf_counter() - t
+    _emit(on_section, "keep", keep)
+    return {"reward": reward_section, "keep": keep, "methods": methods,
+            "timings": {k: round(v, 2) for k, v in timings.items()}}
