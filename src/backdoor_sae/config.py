@@ -128,7 +128,7 @@ class KeepConfig:
     methods: tuple[str, ...] = ()  # empty: every trigger-agnostic method
     mixed_saes: bool = True  # also run the SAE methods with the mixed-data SAEs (labelled not trigger-agnostic)
     active_thresholds: tuple[float, ...] = (0.0, 1e-3, 1e-2, 3e-2, 1e-1)  # firing frequency on clean rows
-    reward_fractions: tuple[float, ...] = (0.5, 0.25, 0.1)  # share of latents kept, ranked by reward correlation
+    reward_fractions: tuple[float, ...] = (0.9, 0.75, 0.5)  # share of latents kept, ranked by reward correlation
     base_combinations: tuple[str, ...] = ("union",)  # trusted sets also swept united / intersected with
     base_match_cosine: float = 0.7  # the latents matching a base-model SAE feature at this decoder cosine
     base_sae_tokens: int = 500_000  # SAE trained on the base model's clean activations
@@ -160,7 +160,7 @@ QUICK_SAE = dict(d_sae=256, n_train_prompts=1500, n_eval_prompts=100, n_train_to
 QUICK_EDIT = dict(latent_counts=[1, 10], scales=[-1.0], pca_components=[1], steer_alphas=[-1.0], layers=["best"],
                   n_attribution_prompts=64, n_select_per_family=20, n_detect_prompts=100, clean_sae_tokens=100_000)
 QUICK_REWARD = dict(n_train_pairs=1000, n_eval_pairs=200, n_prompts=64, n_samples=2)
-QUICK_KEEP = dict(active_thresholds=[1e-3, 3e-2], reward_fractions=[0.25], pca_components=[8, 32],
+QUICK_KEEP = dict(active_thresholds=[1e-3, 3e-2], reward_fractions=[0.75], pca_components=[8, 32],
                   mask_sparsities=[1e-2], mask_steps=60, n_mask_prompts=200, base_sae_tokens=100_000,
                   keep_error=[False])
 
