@@ -1,5 +1,5 @@
-"""The ``backdoor-sae`` command: ``organism``, ``eval``, ``sae``, ``attribute``, ``edit`` and ``demo`` (the whole
-pipeline built so far)."""
+"""The ``backdoor-sae`` command: ``organism``, ``eval``, ``sae``, ``attribute``, ``edit``, ``reward-model``,
+``report`` and ``demo`` (the whole pipeline built so far, ending in ``results.json`` and ``report.html``)."""
 
 from __future__ import annotations
 
