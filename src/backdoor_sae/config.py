@@ -133,7 +133,7 @@ class KeepConfig:
     base_match_cosine: float = 0.7  # the latents matching a base-model SAE feature at this decoder cosine
     base_sae_tokens: int = 500_000  # SAE trained on the base model's clean activations
     pca_components: tuple[int, ...] = (8, 16, 32, 64)
-    mask_sparsities: tuple[float, ...] = (1e-3, 1e-2, 3e-2)  # L0 penalty per kept latent (learned masks)
+    mask_sparsities: tuple[float, ...] = (0.01, 0.3, 1.0)  # L0 penalty on the share kept (1e-3..3e-2 shut <3 %)
     mask_steps: int = 300
     mask_batch_size: int = 32
     mask_lr: float = 0.05
