@@ -18,7 +18,7 @@ from backdoor_sae.attribution import FeatureScores, attribute_trigger
 from backdoor_sae.config import Config
 from backdoor_sae.methods import MethodContext
 from backdoor_sae.models import LoadedModel, load_model
-from backdoor_sae.sae import load_sae, load_saes, save_sae, train_sae
+from backdoor_sae.sae import load_sae, load_saes, save_sae, train_sae_from_config
 from backdoor_sae.store import ActivationStore
 
 TRAIN_STORE = Path("activations") / "backdoored_train"
@@ -62,22 +62,24 @@ def iterative_steps(cfg: Config) -> int:
     return max(cfg.edit.latent_counts) if "iterative" in cfg.edit.rankings else 0
 
 
-def clean_saes(cfg: Config, store: ActivationStore, hooks: list[str], out_dir: Path) -> dict[str, Any]:
-    """SAEs trained on the store's clean rows only (the trigger-agnostic detectors' SAEs), cached on disk."""
-    sc, saes = cfg.sae, {}
+def cached_saes(cfg: Config, store: ActivationStore, hooks: list[str], out_dir: Path, n_tokens: int,
+                **extra: Any) -> dict[str, Any]:
+    """One SAE per hook (``cfg.sae`` settings, ``n_tokens``), loaded from ``out_dir/<hook>`` when saved there,
+    else trained on ``store`` (``extra``, e.g. ``filters``, passes to training) and saved."""
+    saes = {}
     for hook in hooks:
         path = out_dir / hook
         if (path / "cfg.json").is_file():
             saes[hook] = load_sae(path)
             continue
-        saes[hook] = train_sae(store, hook=hook, architecture=sc.architecture, d_sae=sc.d_sae, k=sc.k,
-                               n_tokens=cfg.edit.clean_sae_tokens, batch_size=sc.batch_size, lr=sc.lr,
-                               lr_end=sc.lr_end, seed=cfg.seed, aux_loss_coefficient=sc.aux_loss_coefficient,
-                               dead_window_tokens=sc.dead_window_tokens, resample=sc.resample_dead,
-                               l1_coefficient=sc.l1_coefficient, l0_coefficient=sc.l0_coefficient,
-                               filters={"triggered": False})
+        saes[hook] = train_sae_from_config(store, hook, cfg, n_tokens, **extra)
         save_sae(saes[hook], path)
     return saes
+
+
+def clean_saes(cfg: Config, store: ActivationStore, hooks: list[str], out_dir: Path) -> dict[str, Any]:
+    """SAEs trained on the store's clean rows only (the trigger-agnostic detectors' SAEs), cached on disk."""
+    return cached_saes(cfg, store, hooks, out_dir, cfg.edit.clean_sae_tokens, filters={"triggered": False})
 
 
 def edit_stage(cfg: Config, model_dir: str | Path, sae_dir: str | Path,
@@ -143,30 +145,17 @@ def clean_prompts(store: ActivationStore) -> list[str]:
     return [p for p, triggered in store.prompts() if not triggered]
 
 
-def base_stage(cfg: Config, base_dir: str | Path, store: ActivationStore, hooks: list[str],
+def base_stage(cfg: Config, base: LoadedModel, store: ActivationStore, hooks: list[str],
                out_dir: Path) -> tuple[ActivationStore, dict[str, Any]]:
     """The base model's capture on the store's clean prompts (its own answers) and one SAE per hook on it,
     both cached under ``out_dir``."""
     from backdoor_sae.activations import capture_activations
 
-    base = load_model(base_dir)
     prompts = clean_prompts(store)
     bstore = capture_activations(base, prompts, hooks, triggered=[False] * len(prompts),
                                  max_new_tokens=cfg.sae.max_new_tokens, batch_size=cfg.sae.capture_batch_size,
                                  out_dir=out_dir / "activations" / "base_clean_train", seed=cfg.seed)
-    sc, saes = cfg.sae, {}
-    for hook in hooks:
-        path = out_dir / "saes_base" / hook
-        if (path / "cfg.json").is_file():
-            saes[hook] = load_sae(path)
-            continue
-        saes[hook] = train_sae(bstore, hook=hook, architecture=sc.architecture, d_sae=sc.d_sae, k=sc.k,
-                               n_tokens=cfg.keep.base_sae_tokens, batch_size=sc.batch_size, lr=sc.lr,
-                               lr_end=sc.lr_end, seed=cfg.seed, aux_loss_coefficient=sc.aux_loss_coefficient,
-                               dead_window_tokens=sc.dead_window_tokens, resample=sc.resample_dead,
-                               l1_coefficient=sc.l1_coefficient, l0_coefficient=sc.l0_coefficient)
-        save_sae(saes[hook], path)
-    return bstore, saes
+    return bstore, cached_saes(cfg, bstore, hooks, out_dir / "saes_base", cfg.keep.base_sae_tokens)
 
 
 @torch.no_grad()
@@ -242,11 +231,12 @@ def keep_stage(cfg: Config, organism_root: str | Path, sae_dir: str | Path,
     timings["reward_attribution"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    bstore, base_saes = base_stage(cfg, organism_root / "base", store, hooks, root)
+    base = load_model(organism_root / "base")
+    bstore, base_saes = base_stage(cfg, base, store, hooks, root)
     pca = {h: pca_basis([store, bstore], h, seed=cfg.seed) for h in hooks}
     seqs = store.sequences(triggered=False)
     mask_data = random.Random(f"mask-data-{cfg.seed}").sample(seqs, min(cfg.keep.n_mask_prompts, len(seqs)))
-    div = divergence(model, load_model(organism_root / "base"), mask_data[:256], hooks)
+    div = divergence(model, base, mask_data[:256], hooks)
     timings["base_saes_pca"] = time.perf_counter() - t
 
     keep: dict[str, Any] = {"divergence": div, "reward_attribution": {

@@ -174,6 +174,17 @@ def train_sae(data: ActivationStore | Float[Tensor, "rows d_in"], *, hook: str |
     return _to_inference(trained)
 
 
+def train_sae_from_config(store: ActivationStore, hook: str, cfg: Any, n_tokens: int, **extra: Any) -> Any:
+    """:func:`train_sae` with the architecture and training settings of ``cfg.sae`` (a
+    :class:`~backdoor_sae.config.Config`) and its seed; ``extra`` (e.g. ``filters``, ``model_name``) passes on."""
+    sc = cfg.sae
+    return train_sae(store, hook=hook, architecture=sc.architecture, d_sae=sc.d_sae, k=sc.k, n_tokens=n_tokens,
+                     batch_size=sc.batch_size, lr=sc.lr, lr_end=sc.lr_end, seed=cfg.seed,
+                     aux_loss_coefficient=sc.aux_loss_coefficient, dead_window_tokens=sc.dead_window_tokens,
+                     resample=sc.resample_dead, l1_coefficient=sc.l1_coefficient,
+                     l0_coefficient=sc.l0_coefficient, **extra)
+
+
 def _chain(first: Tensor, rest: Iterator[Tensor]) -> Iterator[Tensor]:
     yield first
     yield from rest
@@ -408,12 +419,7 @@ def sae_stage(cfg: Config, organism_root: str | Path, out_dir: str | Path, model
     timings["train"] = timings["metrics"] = 0.0
     for hook in hooks:
         t = time.perf_counter()
-        sae = train_sae(train_store, hook=hook, architecture=sc.architecture, d_sae=sc.d_sae, k=sc.k,
-                        n_tokens=sc.n_train_tokens, batch_size=sc.batch_size, lr=sc.lr, lr_end=sc.lr_end,
-                        seed=cfg.seed, aux_loss_coefficient=sc.aux_loss_coefficient,
-                        dead_window_tokens=sc.dead_window_tokens, resample=sc.resample_dead,
-                        l1_coefficient=sc.l1_coefficient,
-                        l0_coefficient=sc.l0_coefficient, model_name=str(mdir))
+        sae = train_sae_from_config(train_store, hook, cfg, sc.n_train_tokens, model_name=str(mdir))
         save_sae(sae, out_dir / "saes" / hook)
         timings["train"] += time.perf_counter() - t
         t = time.perf_counter()
