@@ -32,6 +32,28 @@ def write_json(path: str | Path, data: Any) -> None:
         f.write("\n")
 
 
+def save_tensors_json(path: str | Path, tensors: dict[str, Any], extra: dict[str, Any]) -> Path:
+    """``<path>.safetensors`` (the tensors) beside ``<path>.json`` (``extra``), each written atomically: the
+    on-disk form of per-hook score tables (``FeatureScores``, ``RewardScores``)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    with atomic_file(path.with_suffix(".safetensors")) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
+    write_json(path.with_suffix(".json"), extra)
+    return path
+
+
+def load_tensors_json(path: str | Path, what: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The tensors and the JSON written by :func:`save_tensors_json`; ``what`` names them in the error."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.with_suffix(".safetensors").is_file():
+        raise FileNotFoundError(f"{what} not found: {path.with_suffix('.safetensors')}")
+    return load_file(path.with_suffix(".safetensors")), json.loads(path.with_suffix(".json").read_text())
+
+
 def safetensors_problem(path: str | Path) -> str | None:
     """Why a safetensors file cannot be read (its header does not parse), or ``None`` if it can."""
     from safetensors import safe_open

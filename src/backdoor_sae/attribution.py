@@ -19,7 +19,6 @@ the model's own greedy first token on the same prompt without the trigger.
 
 from __future__ import annotations
 
-import json
 import random
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -28,11 +27,10 @@ from typing import Any, Iterator, Mapping
 
 import torch
 from jaxtyping import Float
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from backdoor_sae._batching import right_padded
-from backdoor_sae._io import atomic_file, write_json
+from backdoor_sae._io import load_tensors_json, save_tensors_json
 from backdoor_sae._progress import progress
 from backdoor_sae.models import LoadedModel, format_chats
 from backdoor_sae.store import PROMPT, RESPONSE, TRIGGER, ActivationStore
@@ -95,23 +93,17 @@ class FeatureScores:
 
     def save(self, path: str | Path) -> Path:
         """``<path>.safetensors`` (the tensors) beside ``<path>.json`` (error attribution and meta)."""
-        path = Path(path)
-        with atomic_file(path.with_suffix(".safetensors")) as tmp:
-            save_file({f"{h}::{k}": v.contiguous() for h, st in self.stats.items() for k, v in st.items()}, tmp)
-        write_json(path.with_suffix(".json"), {"error_attribution": self.error_attribution, "meta": self.meta,
-                                               "iterative": self.iterative})
-        return path
+        return save_tensors_json(path, {f"{h}::{k}": v for h, st in self.stats.items() for k, v in st.items()},
+                                 {"error_attribution": self.error_attribution, "meta": self.meta,
+                                  "iterative": self.iterative})
 
     @classmethod
     def load(cls, path: str | Path) -> FeatureScores:
-        path = Path(path)
-        if not path.with_suffix(".safetensors").is_file():
-            raise FileNotFoundError(f"feature scores not found: {path.with_suffix('.safetensors')}")
+        tensors, extra = load_tensors_json(path, "feature scores")
         stats: dict[str, dict[str, Tensor]] = {}
-        for key, v in load_file(path.with_suffix(".safetensors")).items():
+        for key, v in tensors.items():
             hook, stat = key.split("::")
             stats.setdefault(hook, {})[stat] = v
-        extra = json.loads(path.with_suffix(".json").read_text())
         return cls(stats, extra["error_attribution"], extra["meta"], extra.get("iterative", []))
 
 

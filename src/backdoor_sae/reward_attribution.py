@@ -17,7 +17,6 @@ model's trigger is refused.
 
 from __future__ import annotations
 
-import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,11 +24,10 @@ from typing import Any, Mapping, Sequence
 
 import torch
 from jaxtyping import Float
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from backdoor_sae._batching import padded_batches
-from backdoor_sae._io import atomic_file, write_json
+from backdoor_sae._io import load_tensors_json, save_tensors_json
 from backdoor_sae.models import LoadedModel, format_chats
 from backdoor_sae.reward import RewardFn, load_reward, score
 
@@ -72,20 +70,12 @@ class RewardScores:
 
     def save(self, path: str | Path) -> Path:
         """``<path>.safetensors`` (the tensors) beside ``<path>.json`` (meta), each written atomically."""
-        path = Path(path)
-        tensors = {f"{h}::{k}": getattr(self, k)[h].contiguous() for h in self.hooks for k in RANKINGS}
-        with atomic_file(path.with_suffix(".safetensors")) as tmp:
-            save_file({**tensors, "rewards": self.rewards.contiguous()}, tmp)
-        write_json(path.with_suffix(".json"), {"hooks": self.hooks, "meta": self.meta})
-        return path
+        tensors = {f"{h}::{k}": getattr(self, k)[h] for h in self.hooks for k in RANKINGS}
+        return save_tensors_json(path, {**tensors, "rewards": self.rewards}, {"hooks": self.hooks, "meta": self.meta})
 
     @classmethod
     def load(cls, path: str | Path) -> RewardScores:
-        path = Path(path)
-        if not path.with_suffix(".safetensors").is_file():
-            raise FileNotFoundError(f"reward scores not found: {path.with_suffix('.safetensors')}")
-        t = load_file(path.with_suffix(".safetensors"))
-        extra = json.loads(path.with_suffix(".json").read_text())
+        t, extra = load_tensors_json(path, "reward scores")
         hooks = extra["hooks"]
         return cls({h: t[f"{h}::correlation"] for h in hooks}, {h: t[f"{h}::probe"] for h in hooks}, t["rewards"],
                    extra["meta"])
