@@ -84,10 +84,7 @@ class KeepContext:
                     raise ValueError("a base combination needs SAEs of the base model (KeepContext.base_saes)")
                 matched = base_matched(self.saes[h], self.base_saes[h], self.cfg.keep.base_match_cosine)
             out[h] = combine(base, matched, p.get("base", "none"))
-        empty = [h for h, v in out.items() if not v]
-        if empty:
-            raise ValueError(f"trusted set for hook {empty[0]!r} is empty at {p}: nothing would be kept")
-        return out
+        return out  # an empty set is refused by the keep edit (FeatureEdit), naming the hook
 
 
 def _keep(ctx: KeepContext, p: dict[str, Any]) -> Edit:

@@ -314,22 +314,34 @@ def _gated(positions: str, edit: Callable[[Tensor, bool | Tensor], Tensor]) -> H
     return fn
 
 
+def decoder_rows(sae: Any) -> Tensor | None:
+    """Every latent's decoder row when ``decode`` is linear (see :func:`_linear_rows`), else ``None``."""
+    return _linear_rows(sae, torch.arange(int(sae.cfg.d_sae), device=sae.W_dec.device))
+
+
+def gated_reconstruction(sae: Any, x: Float[Tensor, "... d"], gate: Float[Tensor, " d_sae"], error_term: bool,
+                         rows: Tensor | None = None) -> Float[Tensor, "... d"]:
+    """``x`` with each latent's decoded part scaled by its ``gate`` (1 kept, 0 removed): with the error term,
+    x - decode of the (1 - gate) share; without it, the SAE's reconstruction from gate x latents. ``rows``
+    (:func:`decoder_rows`) makes it one matmul; without them ``decode`` runs (twice with the error term)."""
+    f = sae.encode(x)
+    if rows is not None:
+        return x - (f * (1 - gate)) @ rows if error_term else (f * gate) @ rows + sae.b_dec.detach()
+    out = sae.decode(f * gate)
+    if error_term:  # encode again: some normalisations keep state from encode to decode
+        sae.encode(x)
+        out = x + (out - sae.decode(f))
+    return out
+
+
 def _keep_hook(s: FeatureEdit) -> Hook:
     sae = s.sae
-    keep = torch.zeros(int(sae.cfg.d_sae), dtype=torch.bool, device=sae.W_dec.device)
-    keep[list(s.latents)] = True
-    rows = _linear_rows(sae, torch.arange(int(sae.cfg.d_sae), device=keep.device))
+    keep = torch.zeros(int(sae.cfg.d_sae), device=sae.W_dec.device)
+    keep[list(s.latents)] = 1.0
+    rows = decoder_rows(sae)
 
     def edit(x: Tensor, where: bool | Tensor) -> Tensor:
-        f = sae.encode(x)
-        if rows is not None:
-            out = x - (f * ~keep) @ rows if s.error_term else (f * keep) @ rows + sae.b_dec.detach()
-        else:
-            out = sae.decode(f * keep)
-            if s.error_term:
-                sae.encode(x)
-                out = x + (out - sae.decode(f))
-        out = out.to(x.dtype)
+        out = gated_reconstruction(sae, x, keep, s.error_term, rows).to(x.dtype)
         return out if where is True else torch.where(where, out, x)
 
     return _gated(s.positions, edit)

@@ -23,7 +23,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from backdoor_sae.editing import Edit, FeatureEdit, apply_edit, direction_edit
+from backdoor_sae.editing import Edit, apply_edit, direction_edit, feature_edit
 from backdoor_sae.models import LoadedModel
 from backdoor_sae.store import ActivationStore
 
@@ -83,15 +83,11 @@ def keep_edit(saes: Mapping[str, tuple[Any, Sequence[int]]], *, keep_error: bool
     """An :class:`Edit` that keeps each hook's trusted latents and zeroes the rest. ``keep_error`` keeps the
     SAE error term (then only the untrusted latents' decoded part is removed); without it the SAE's
     reconstruction from trusted latents replaces the activation. An empty trusted set is an error."""
-    from backdoor_sae.sae import sae_path
-
     if not saes:
         raise ValueError("no SAEs given: pass {hook: (sae, trusted latents)}")
-    specs = []
-    for hook, (sae, trusted) in saes.items():
-        lat = tuple(sorted({int(i) for i in (trusted.tolist() if isinstance(trusted, Tensor) else trusted)}))
-        specs.append(FeatureEdit(hook, sae, lat, "keep", None, positions, keep_error, sae_path(sae)))
-    return Edit(tuple(specs), name)
+    unique = {h: (sae, sorted({int(i) for i in (t.tolist() if isinstance(t, Tensor) else t)}))
+              for h, (sae, t) in saes.items()}
+    return feature_edit(unique, mode="keep", positions=positions, error_term=keep_error, name=name)
 
 
 @contextmanager

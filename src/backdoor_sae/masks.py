@@ -25,6 +25,7 @@ from torch import Tensor
 
 from backdoor_sae._batching import right_padded
 from backdoor_sae._progress import progress
+from backdoor_sae.editing import decoder_rows, gated_reconstruction
 from backdoor_sae.models import LoadedModel, format_chats
 from backdoor_sae.store import TokenSequence
 
@@ -65,13 +66,10 @@ def _sample_gate(log_alpha: Tensor, gen: torch.Generator) -> Tensor:
 
 
 def _masked_hook(sae: Any, gate: dict[str, Tensor], name: str, error_term: bool) -> Any:
+    rows = decoder_rows(sae)
+
     def fn(x: Float[Tensor, "batch pos d"], hook: Any) -> Tensor:
-        if name not in gate:
-            return x
-        f = sae.encode(x)
-        g = gate[name]
-        out = sae.decode(f * g)
-        return x + out - sae.decode(f) if error_term else out
+        return x if name not in gate else gated_reconstruction(sae, x, gate[name], error_term, rows)
 
     return fn
 
