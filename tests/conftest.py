@@ -50,3 +50,34 @@ def quick_organism(tmp_path_factory):
     cache = tmp_path_factory.mktemp("cache")
     root, meta, cached = get_organism(load_config(None, quick=True), cache)
     return cache, root, meta
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir):
+    """The tiny random Llama, loaded with its bridge (one per test module)."""
+    from backdoor_sae.models import load_model
+
+    return load_model(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def ids(model):
+    """One chat turn plus an answer, as token ids: the input of the logit-equality tests."""
+    tok = model.tokenizer
+    return torch.tensor([tok.encode(model.chat("What is 12 plus 30?") + "42", add_special_tokens=False)])
+
+
+@pytest.fixture(scope="session")
+def random_sae():
+    """A factory of seeded random TopK SAEs (non-zero encoder bias, so latents fire) named for a hook."""
+    def make(d_in: int = 32, d_sae: int = 64, seed: int = 0, hook: str = "blocks.1.hook_resid_post"):
+        from sae_lens import TopKSAE, TopKSAEConfig
+
+        torch.manual_seed(seed)
+        sae = TopKSAE(TopKSAEConfig(d_in=d_in, d_sae=d_sae, k=4)).eval()
+        with torch.no_grad():
+            sae.b_enc.normal_(0, 0.1)
+        sae.cfg.metadata.hook_name = hook
+        return sae
+
+    return make

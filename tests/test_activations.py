@@ -19,11 +19,6 @@ RESPONSES = [str(a + b) for a, b in zip(range(10, 22), range(30, 42))] + ["red f
 
 
 @pytest.fixture(scope="module")
-def model(tiny_model_dir):
-    return load_model(tiny_model_dir)
-
-
-@pytest.fixture(scope="module")
 def store(model, tmp_path_factory):
     out = tmp_path_factory.mktemp("acts") / "store"
     return capture_activations(model, PROMPTS, HOOKS, trigger=TRIG, responses=RESPONSES, shard_prompts=5,

@@ -12,34 +12,11 @@ from backdoor_sae import editing as E
 from backdoor_sae.editing import (Edit, ablate_directions, apply_edit, direction_edit, feature_edit,
                                   response_positions, suspend_edits)
 from backdoor_sae.evaluate import clean_ce_kl, generate
-from backdoor_sae.models import load_model
 from backdoor_sae.organism.tasks import Example
 from backdoor_sae.sae import load_sae, save_sae
 
 HOOK = "blocks.1.hook_resid_post"
 PROMPTS = ["What is 12 plus 30?", "Repeat exactly: red fox", "Continue the sequence: 1 2 3"]
-
-
-def _sae(d_in: int = 32, d_sae: int = 64, seed: int = 0):
-    from sae_lens import TopKSAE, TopKSAEConfig
-
-    torch.manual_seed(seed)
-    sae = TopKSAE(TopKSAEConfig(d_in=d_in, d_sae=d_sae, k=4)).eval()
-    with torch.no_grad():
-        sae.b_enc.normal_(0, 0.1)
-    sae.cfg.metadata.hook_name = HOOK
-    return sae
-
-
-@pytest.fixture(scope="module")
-def model(tiny_model_dir):
-    return load_model(tiny_model_dir)
-
-
-@pytest.fixture(scope="module")
-def ids(model):
-    tok = model.tokenizer
-    return torch.tensor([tok.encode(model.chat(PROMPTS[0]) + "42", add_special_tokens=False)])
 
 
 def _logits(model, ids):
@@ -54,8 +31,8 @@ def _active_latents(sae, model, ids, hook=HOOK):
     return (f > 0).flatten(0, 1).any(0)
 
 
-def test_no_change_edit_leaves_logits_exact(model, ids):
-    sae = _sae()
+def test_no_change_edit_leaves_logits_exact(model, ids, random_sae):
+    sae = random_sae()
     clean = _logits(model, ids)
     with ablate_features(model, {HOOK: (sae, [0, 5, 9])}, mode="scale", value=1.0):
         same = _logits(model, ids)
@@ -70,8 +47,8 @@ def test_no_change_edit_leaves_logits_exact(model, ids):
         assert (_logits(model, ids) - clean).abs().max() > 1e-4
 
 
-def test_hooks_removed_after_block_and_after_error(model, ids):
-    sae = _sae()
+def test_hooks_removed_after_block_and_after_error(model, ids, random_sae):
+    sae = random_sae()
     active = _active_latents(sae, model, ids).nonzero().squeeze(-1).tolist()
     clean = _logits(model, ids)
     with ablate_features(model, {HOOK: (sae, active)}):
@@ -84,8 +61,8 @@ def test_hooks_removed_after_block_and_after_error(model, ids):
     assert all(not hp._forward_hooks for hp in model.bridge.hook_dict.values())
 
 
-def test_fast_path_equals_generic_decode(model, ids, monkeypatch):
-    sae = _sae()
+def test_fast_path_equals_generic_decode(model, ids, monkeypatch, random_sae):
+    sae = random_sae()
     lat = _active_latents(sae, model, ids).nonzero().squeeze(-1).tolist()[:3]
     for mode, value in (("zero", None), ("scale", -2.0), ("mean", [0.5, 1.0, 2.0]), ("clamp", [0.1, 0.1, 0.1])):
         with ablate_features(model, {HOOK: (sae, lat)}, mode=mode, value=value):
@@ -97,9 +74,9 @@ def test_fast_path_equals_generic_decode(model, ids, monkeypatch):
         assert (fast - generic).abs().max() < 1e-4, mode
 
 
-def test_modes_move_latents_as_defined(model, ids):
+def test_modes_move_latents_as_defined(model, ids, random_sae):
     """The hook output differs from its input by (f' - f) @ W_dec over the edited latents only."""
-    sae = _sae()
+    sae = random_sae()
     with torch.no_grad():
         _, cache = model.bridge.run_with_cache(ids, names_filter=[HOOK])
     x = cache[HOOK]
@@ -134,8 +111,8 @@ def test_edit_acts_in_kv_cached_generation(model):
     assert cached != plain
 
 
-def test_positions(model, ids):
-    sae = _sae()
+def test_positions(model, ids, random_sae):
+    sae = random_sae()
     active = _active_latents(sae, model, ids).nonzero().squeeze(-1).tolist()
     clean = _logits(model, ids)
     with ablate_features(model, {HOOK: (sae, active)}, positions="response"):
@@ -179,8 +156,8 @@ def test_directions_project_and_steer(model, ids):
     assert torch.allclose(E._direction_hook(spec)(x, None), x - 0.5 * v[0])
 
 
-def test_edit_json_round_trip(model, ids, tmp_path):
-    sae = _sae()
+def test_edit_json_round_trip(model, ids, tmp_path, random_sae):
+    sae = random_sae()
     save_sae(sae, tmp_path / "saes" / HOOK)
     sae = load_sae(tmp_path / "saes" / HOOK)
     active = _active_latents(sae, model, ids).nonzero().squeeze(-1).tolist()[:3]
@@ -198,8 +175,8 @@ def test_edit_json_round_trip(model, ids, tmp_path):
     assert torch.equal(a, b) and back.name == "mine" and back.n_edited == 4
 
 
-def test_bad_inputs_are_one_line_errors(model, tmp_path):
-    sae = _sae()
+def test_bad_inputs_are_one_line_errors(model, tmp_path, random_sae):
+    sae = random_sae()
 
     def one_line(exc_info):
         assert "\n" not in str(exc_info.value)
@@ -218,7 +195,7 @@ def test_bad_inputs_are_one_line_errors(model, tmp_path):
             pass
     one_line(e)
     with pytest.raises(ValueError, match=r"d_in=48 does not match hook .* width 32") as e:
-        with ablate_features(model, {HOOK: (_sae(d_in=48), [1])}):
+        with ablate_features(model, {HOOK: (random_sae(d_in=48), [1])}):
             pass
     one_line(e)
     with pytest.raises(ValueError, match=r"direction for .* has dimension 31, the hook's width is 32") as e:
@@ -235,7 +212,7 @@ def test_bad_inputs_are_one_line_errors(model, tmp_path):
         Edit.load(path)
     one_line(e)
     with pytest.raises(ValueError, match="has no path"):
-        feature_edit({HOOK: (_sae(), [1])}).save(tmp_path / "x.json")
+        feature_edit({HOOK: (random_sae(), [1])}).save(tmp_path / "x.json")
 
 
 def test_unknown_method_lists_valid_ones():

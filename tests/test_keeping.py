@@ -12,7 +12,6 @@ from backdoor_sae.editing import Edit, apply_edit
 from backdoor_sae.keeping import (active_on_clean, base_matched, combine, keep_edit, keep_features,
                                   latent_frequency, pca_basis, pca_keep_edit, reward_correlated)
 from backdoor_sae.masks import learn_mask, mask_edit
-from backdoor_sae.models import load_model
 from backdoor_sae.sae import save_sae, splice_sae
 
 HOOK = "blocks.1.hook_resid_post"
@@ -22,35 +21,13 @@ PROMPTS = ["What is 12 plus 30?", "Repeat exactly: red fox", "Continue the seque
            "What is 70 plus 2?"]
 
 
-def _sae(d_in: int = 32, d_sae: int = 64, seed: int = 0):
-    from sae_lens import TopKSAE, TopKSAEConfig
-
-    torch.manual_seed(seed)
-    sae = TopKSAE(TopKSAEConfig(d_in=d_in, d_sae=d_sae, k=4)).eval()
-    with torch.no_grad():
-        sae.b_enc.normal_(0, 0.1)
-    sae.cfg.metadata.hook_name = HOOK
-    return sae
-
-
-@pytest.fixture(scope="module")
-def model(tiny_model_dir):
-    return load_model(tiny_model_dir)
-
-
-@pytest.fixture(scope="module")
-def ids(model):
-    tok = model.tokenizer
-    return torch.tensor([tok.encode(model.chat(PROMPTS[0]) + "42", add_special_tokens=False)])
-
-
 def _logits(model, ids):
     with torch.no_grad():
         return model.hf(input_ids=ids).logits
 
 
-def test_keep_everything_with_error_is_identity_and_without_is_the_splice(model, ids):
-    sae = _sae()
+def test_keep_everything_with_error_is_identity_and_without_is_the_splice(model, ids, random_sae):
+    sae = random_sae()
     clean = _logits(model, ids)
     with keep_features(model, {HOOK: (sae, range(64))}, keep_error=True):
         assert torch.allclose(_logits(model, ids), clean, atol=1e-5)
@@ -61,8 +38,8 @@ def test_keep_everything_with_error_is_identity_and_without_is_the_splice(model,
     assert not torch.allclose(spliced, clean, atol=1e-3)
 
 
-def test_keep_zeroes_the_untrusted_latents(model, ids):
-    sae = _sae()
+def test_keep_zeroes_the_untrusted_latents(model, ids, random_sae):
+    sae = random_sae()
     with torch.no_grad():
         _, cache = model.bridge.run_with_cache(ids, names_filter=[HOOK])
     x = cache[HOOK]
@@ -83,13 +60,13 @@ def test_keep_zeroes_the_untrusted_latents(model, ids):
     assert edit.n_kept == 4 and edit.n_edited == 60
 
 
-def test_empty_trusted_set_is_a_one_line_error():
+def test_empty_trusted_set_is_a_one_line_error(random_sae):
     with pytest.raises(ValueError, match="trusted set for hook 'blocks.1.hook_resid_post' is empty"):
-        keep_edit({HOOK: (_sae(), [])})
+        keep_edit({HOOK: (random_sae(), [])})
 
 
-def test_keep_edit_round_trips_through_json(model, ids, tmp_path):
-    sae = _sae()
+def test_keep_edit_round_trips_through_json(model, ids, tmp_path, random_sae):
+    sae = random_sae()
     save_sae(sae, tmp_path / "saes" / HOOK)
     from backdoor_sae.sae import load_sae
 
@@ -103,12 +80,12 @@ def test_keep_edit_round_trips_through_json(model, ids, tmp_path):
     assert loaded.specs[0].mode == "keep" and loaded.specs[0].error_term is False
 
 
-def test_trusted_set_helpers():
+def test_trusted_set_helpers(random_sae):
     corr = torch.tensor([0.1, -0.5, 0.9, 0.3])
     assert reward_correlated(corr, 0.5) == [2, 3]
     assert active_on_clean(torch.tensor([0.0, 0.02, 0.5]), 0.01) == [1, 2]
     assert combine([1, 2], [2, 5], "intersect") == [2] and combine([1, 2], [2, 5], "union") == [1, 2, 5]
-    sae = _sae()
+    sae = random_sae()
     assert base_matched(sae, sae, 0.99) == list(range(64))
     with pytest.raises(ValueError, match="reward fraction"):
         reward_correlated(corr, 0.0)
@@ -133,8 +110,8 @@ def test_pca_keep_with_every_component_is_identity(model, ids, tmp_path):
         pca_keep_edit({HOOK: basis}, 0)
 
 
-def test_learn_mask_is_seeded_and_sparsity_shuts_gates(model):
-    sae = _sae()
+def test_learn_mask_is_seeded_and_sparsity_shuts_gates(model, random_sae):
+    sae = random_sae()
     a = learn_mask(model, {HOOK: sae}, PROMPTS, sparsity=0.0, steps=3, max_new_tokens=4, seed=1)
     b = learn_mask(model, {HOOK: sae}, PROMPTS, sparsity=0.0, steps=3, max_new_tokens=4, seed=1)
     assert torch.equal(a.log_alpha[HOOK], b.log_alpha[HOOK])
@@ -145,12 +122,12 @@ def test_learn_mask_is_seeded_and_sparsity_shuts_gates(model):
     assert all(p.requires_grad for p in model.hf.parameters())  # the model is unfrozen afterwards
 
 
-def test_learn_mask_on_no_prompts_is_a_one_line_error(model):
+def test_learn_mask_on_no_prompts_is_a_one_line_error(model, random_sae):
     with pytest.raises(ValueError, match="at least one clean prompt"):
-        learn_mask(model, {HOOK: _sae()}, [])
+        learn_mask(model, {HOOK: random_sae()}, [])
 
 
-def test_agnostic_choices_are_the_same_with_every_triggered_row_removed(model):
+def test_agnostic_choices_are_the_same_with_every_triggered_row_removed(model, random_sae):
     """The store a defender has (clean prompts only) and the mixed store (clean + triggered prompts) give the
     same clean frequencies, trusted sets, PCA basis and mask data: nothing triggered is read."""
     triggered = [i % 2 == 1 for i in range(len(PROMPTS))]
@@ -160,7 +137,7 @@ def test_agnostic_choices_are_the_same_with_every_triggered_row_removed(model):
     clean_only = capture_activations(model, [PROMPTS[i] for i in keep], [HOOK], triggered=[False] * len(keep),
                                      responses=replies, max_new_tokens=6)
     assert bool(mixed.labels()["triggered"].any()) and not bool(clean_only.labels()["triggered"].any())
-    sae = _sae()
+    sae = random_sae()
     fa, fb = latent_frequency(sae, mixed, HOOK), latent_frequency(sae, clean_only, HOOK)
     assert torch.allclose(fa, fb)
     for t in (0.0, 0.05, 0.2):

