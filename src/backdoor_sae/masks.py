@@ -22,14 +22,16 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 from jaxtyping import Float
 from torch import Tensor
+from torch.nn.utils.rnn import pad_sequence
 
-from backdoor_sae._batching import right_padded
+from backdoor_sae._batching import padded_batches, right_padded
 from backdoor_sae._progress import progress
 from backdoor_sae.editing import decoder_rows, gated_reconstruction
 from backdoor_sae.models import LoadedModel, format_chats
 from backdoor_sae.store import TokenSequence
 
 BETA, GAMMA, ZETA = 2 / 3, -0.1, 1.1
+REF_CACHE_FLOATS = 2**27  # reference log-probs held in memory up to 512 MiB (tokens x vocab); beyond, recomputed
 
 
 @dataclass
@@ -103,10 +105,24 @@ def _sequences(model: LoadedModel, clean: Sequence[str] | Sequence[TokenSequence
                          + [tok.eos_token_id]) for t, r in zip(texts, replies)]
 
 
-def _kl(ref: Tensor, logits: Tensor, real: Tensor) -> Tensor:
-    """Mean KL(ref || edited) per real token."""
-    lp, lq = ref.log_softmax(-1), logits.float().log_softmax(-1)
-    return ((lp.exp() * (lp - lq)).sum(-1) * real).sum() / real.sum()
+@torch.no_grad()
+def _reference(model: LoadedModel, seqs: list[Tensor], batch_size: int) -> list[Tensor] | None:
+    """The unmasked model's next-token log-probs of each sequence, computed once (no gate changes them), or
+    ``None`` when they would exceed :data:`REF_CACHE_FLOATS` (then each step recomputes its batch's)."""
+    vocab = int(model.hf.get_output_embeddings().weight.shape[0])
+    if sum(len(s) for s in seqs) * vocab > REF_CACHE_FLOATS:
+        return None
+    out: list[Tensor] = []
+    for _, ids, real, _ in padded_batches(seqs, model.tokenizer.pad_token_id, batch_size):
+        logp = model.hf(input_ids=ids).logits.float().log_softmax(-1)
+        out += [lp[:n].clone() for lp, n in zip(logp, real.sum(1).tolist())]
+    return out
+
+
+def _kl(ref_logp: Tensor, logits: Tensor, real: Tensor) -> Tensor:
+    """Mean KL(ref || edited) per real token (``ref_logp``: the unmasked model's log-probs)."""
+    lq = logits.float().log_softmax(-1)
+    return ((ref_logp.exp() * (ref_logp - lq)).sum(-1) * real).sum() / real.sum()
 
 
 def learn_mask(model: LoadedModel, saes: Mapping[str, Any], clean: Sequence[str] | Sequence[TokenSequence], *,
@@ -132,13 +148,17 @@ def learn_mask(model: LoadedModel, saes: Mapping[str, Any], clean: Sequence[str]
     d_total = sum(int(s.cfg.d_sae) for s in saes.values())
     pad, kl_hist = model.tokenizer.pad_token_id, []
     model.hf.eval()
+    cached = _reference(model, seqs, batch_size)
     with _frozen(model, saes), model.hooked.hooks(fwd_hooks=hooks):
         for _ in progress(range(steps), desc=f"mask (sparsity {sparsity})"):
             pick = order.sample(range(len(seqs)), min(batch_size, len(seqs)))
             ids, real = right_padded([seqs[i] for i in pick], pad)
-            gate.clear()  # no gate: the hooks pass activations through (the unmasked reference)
-            with torch.no_grad():
-                ref = model.hf(input_ids=ids).logits.float()
+            if cached is not None:
+                ref = pad_sequence([cached[i] for i in pick], batch_first=True)
+            else:
+                gate.clear()  # no gate: the hooks pass activations through (the unmasked reference)
+                with torch.no_grad():
+                    ref = model.hf(input_ids=ids).logits.float().log_softmax(-1)
             gate.update({h: _sample_gate(la, gen) for h, la in log_alpha.items()})
             kl = _kl(ref, model.hf(input_ids=ids).logits, real.float())
             l0 = sum(_expected_open(la).sum() for la in log_alpha.values()) / d_total

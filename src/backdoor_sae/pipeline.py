@@ -243,7 +243,7 @@ def keep_stage(cfg: Config, organism_root: str | Path, sae_dir: str | Path,
         k: {**v.to_json(10), "meta": v.meta} for k, v in rscores.items()}}
     t = time.perf_counter()
     selection = selection_examples(cfg)
-    unedited = selection_record(model, cfg, selection)
+    unedited = selection_record(model, cfg, selection, triggered=False)
     methods: dict[str, Any] = {}
     variants = [("clean", clean)] + ([("mixed", mixed)] if cfg.keep.mixed_saes else [])
     for name in names:
