@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from backdoor_sae import ablate_features, train_sae  # noqa: F401  (the design card's import line)
-from backdoor_sae import editing as E
+from backdoor_sae import edit_hooks as H
 from backdoor_sae.editing import (Edit, ablate_directions, apply_edit, direction_edit, feature_edit,
                                   response_positions, suspend_edits)
 from backdoor_sae.evaluate import clean_ce_kl, generate
@@ -67,7 +67,7 @@ def test_fast_path_equals_generic_decode(model, ids, monkeypatch, random_sae):
     for mode, value in (("zero", None), ("scale", -2.0), ("mean", [0.5, 1.0, 2.0]), ("clamp", [0.1, 0.1, 0.1])):
         with ablate_features(model, {HOOK: (sae, lat)}, mode=mode, value=value):
             fast = _logits(model, ids)
-        monkeypatch.setattr(E, "_linear_rows", lambda *a: None)
+        monkeypatch.setattr(H, "_linear_rows", lambda *a: None)
         with ablate_features(model, {HOOK: (sae, lat)}, mode=mode, value=value):
             generic = _logits(model, ids)
         monkeypatch.undo()
@@ -87,7 +87,7 @@ def test_modes_move_latents_as_defined(model, ids, random_sae):
              "clamp": ([0.05, 0.05], f[..., lat].clamp(max=0.05))}
     for mode, (value, new) in cases.items():
         spec = feature_edit({HOOK: (sae, lat)}, mode=mode, value=value).specs[0]
-        out = E._feature_hook(spec)(x, None)
+        out = H.feature_hook(spec)(x, None)
         expect = x + (new - f[..., lat]) @ sae.W_dec[lat]
         assert (out - expect).abs().max() < 1e-5, mode
 
@@ -146,14 +146,14 @@ def test_directions_project_and_steer(model, ids):
     v = torch.randn(2, d, generator=torch.Generator().manual_seed(1))
     spec = direction_edit({HOOK: v}, mode="project").specs[0]
     x = torch.randn(1, 5, d)
-    out = E._direction_hook(spec)(x, None)
+    out = H.direction_hook(spec)(x, None)
     assert (out @ v.T).abs().max() < 1e-4  # nothing left in the span
     center = torch.randn(d)
     spec = direction_edit({HOOK: v}, mode="project", center={HOOK: center}).specs[0]
-    out = E._direction_hook(spec)(x, None)
+    out = H.direction_hook(spec)(x, None)
     assert ((out - center) @ v.T).abs().max() < 1e-4  # the projection is set to the center's
     spec = direction_edit({HOOK: v[0]}, mode="steer", alpha=-0.5).specs[0]
-    assert torch.allclose(E._direction_hook(spec)(x, None), x - 0.5 * v[0])
+    assert torch.allclose(H.direction_hook(spec)(x, None), x - 0.5 * v[0])
 
 
 def test_edit_json_round_trip(model, ids, tmp_path, random_sae):

@@ -133,7 +133,7 @@ def clean_ce_kl(model: LoadedModel, examples: Sequence[Example], batch_size: int
     """On the response tokens (and EOS) of held-out clean examples: mean next-token cross-entropy (nats) of the
     model as it is now (``clean_ce``) and mean KL(unedited || as it is now) per token (``kl_clean``; 0 when no
     edit is active: the reference pass runs with every edit suspended)."""
-    from backdoor_sae.editing import response_positions, suspend_edits
+    from backdoor_sae.edit_hooks import response_positions, suspend_edits
 
     _nonempty(examples, "examples")
     seqs, masks = _chat_sequences(model, examples)

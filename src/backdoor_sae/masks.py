@@ -26,7 +26,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from backdoor_sae._batching import padded_batches, right_padded
 from backdoor_sae._progress import progress
-from backdoor_sae.editing import decoder_rows, gated_reconstruction
+from backdoor_sae.edit_hooks import decoder_rows, gated_reconstruction
 from backdoor_sae.models import LoadedModel, format_chats
 from backdoor_sae.store import TokenSequence
 
