@@ -103,7 +103,13 @@ def gated_reconstruction(sae: Any, x: Float[Tensor, "... d"], gate: Float[Tensor
     f = sae.encode(x)
     if rows is not None:
         return x - (f * (1 - gate)) @ rows if error_term else (f * gate) @ rows + sae.b_dec.detach()
-    out = sae.decode(f * gate)
+    return _decode_edited(sae, x, f, f * gate, error_term)
+
+
+def _decode_edited(sae: Any, x: Tensor, f: Tensor, f_new: Tensor, error_term: bool) -> Tensor:
+    """The generic (non-linear-decoder) path: ``decode(f_new)``, or with the error term
+    ``x + decode(f_new) - decode(f)``."""
+    out = sae.decode(f_new)
     if error_term:  # encode again: some normalisations keep state from encode to decode
         sae.encode(x)
         out = x + (out - sae.decode(f))
@@ -139,11 +145,7 @@ def feature_hook(s: FeatureEdit) -> Hook:
             return x + (delta if where is True else delta * where).to(x.dtype)
         f_new = f.clone()
         f_new[..., idx] = new
-        out = sae.decode(f_new)
-        if s.error_term:  # encode again: some normalisations keep state from encode to decode
-            sae.encode(x)
-            out = x + (out - sae.decode(f))
-        out = out.to(x.dtype)
+        out = _decode_edited(sae, x, f, f_new, s.error_term).to(x.dtype)
         return out if where is True else torch.where(where, out, x)
 
     return _gated(s.positions, edit)

@@ -40,7 +40,6 @@ POSITIONS = ("all", "prompt", "response")
 _FORMAT = 1
 
 
-
 def _choice(value: str, valid: Sequence[str], what: str) -> None:
     if value not in valid:
         raise ValueError(f"unknown {what} {value!r}; valid: {', '.join(valid)}")

