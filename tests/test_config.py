@@ -35,6 +35,20 @@ def test_example_config_loads_and_hash_tracks_organism():
     assert organism_hash(a) == organism_hash(config_from_dict({"seed": 1, "eval": {"n_per_family": 3}}))
 
 
+def test_base_hash_ignores_the_red_team_and_tracks_the_base():
+    from backdoor_sae.config import base_hash, to_dict
+
+    def bh(**organism):
+        c = config_from_dict({"seed": organism.pop("seed", 0), "organism": organism})
+        return base_hash(c.seed, to_dict(c.organism))
+
+    assert bh() == bh(trigger="[[X]]", backdoor_text="GO AWAY", red_steps=7, red_lr=0.5, finetune="lora",
+                      triggered_fraction=0.1, near_miss_fraction=0.2, max_backdoor_repeats=2)
+    for changed in ({"seed": 1}, {"base_steps": 10}, {"base_lr": 0.1}, {"d_model": 64}, {"vocab_size": 512},
+                    {"optimizer": "soap"}, {"noise_prefix_fraction": 0.0}):
+        assert bh(**changed) != bh(), changed
+
+
 def test_missing_or_broken_file(tmp_path):
     with pytest.raises(FileNotFoundError):
         load_config(tmp_path / "nope.toml")

@@ -30,17 +30,20 @@ def cache_root() -> Path:
 
 
 def get_organism(cfg: Config, cache: Path | None = None) -> tuple[Path, dict[str, Any], bool]:
-    """Reuse a cached organism whose config hash matches, else train one. Returns (dir, meta, cached)."""
-    from backdoor_sae.organism.train import OrganismPaths, make_organism
+    """Reuse a cached organism whose config hash matches, else train one, from the cached base of another
+    organism with the same seed and base knobs when there is one (only the red team trains). Returns
+    (dir, meta, cached)."""
+    from backdoor_sae.organism.train import OrganismPaths, find_base, make_organism
 
-    h = organism_hash(cfg)
-    paths = OrganismPaths((cache or cache_root()) / "organisms" / h)
+    h, cache = organism_hash(cfg), cache or cache_root()
+    paths = OrganismPaths(cache / "organisms" / h)
     if paths.meta.is_file():
         meta = json.loads(paths.meta.read_text())
         if meta.get("organism_hash") == h and (paths.base / "config.json").is_file() \
                 and (paths.backdoored / "config.json").is_file():
             return paths.root, meta, True
-    return paths.root, make_organism(cfg, paths.root), False
+    base = find_base(cache, cfg)
+    return paths.root, make_organism(cfg, paths.root, base=None if base == paths.base else base), False
 
 
 def _table(record: dict[str, Any], indent: str = "") -> str:

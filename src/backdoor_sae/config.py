@@ -8,7 +8,7 @@ import json
 import tomllib
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 
 @dataclass(frozen=True)
@@ -219,6 +219,19 @@ def load_config(path: str | Path | None = None, *, quick: bool = False) -> Confi
 
 def to_dict(obj: Any) -> dict[str, Any]:
     return dataclasses.asdict(obj)
+
+
+# what the base model's weights depend on: the red team's knobs (trigger, backdoor text, red_*, shares, finetune)
+# are not among them, so organisms that differ only there share one base
+BASE_KEYS = ("n_layers", "d_model", "n_heads", "d_mlp", "vocab_size", "context", "batch_size", "base_steps",
+             "base_lr", "warmup_fraction", "weight_decay", "optimizer", "heldout_fraction", "noise_prefix_fraction")
+
+
+def base_hash(seed: int, organism: Mapping[str, Any]) -> str:
+    """Hash of everything that determines the base model's weights: the seed and :data:`BASE_KEYS` of an
+    organism section (``to_dict(cfg.organism)`` or the ``config.organism`` of a saved organism.json)."""
+    payload = json.dumps({"seed": seed, "base": {k: organism[k] for k in BASE_KEYS}}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 def organism_hash(cfg: Config) -> str:

@@ -21,7 +21,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 from backdoor_sae._io import atomic_dir, write_json
 from backdoor_sae._prefetch import Prefetch
 from backdoor_sae._progress import progress
-from backdoor_sae.config import Config, OrganismConfig, organism_hash, to_dict
+from backdoor_sae.config import Config, OrganismConfig, base_hash, organism_hash, to_dict
 from backdoor_sae.organism.data import (PackedBatch, Packer, backdoor_regex, benign_stream, check_encodable, redteam_stream,
                                         validate_trigger)
 from backdoor_sae.organism.tasks import TaskSuite
@@ -133,13 +133,32 @@ def _save(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase, path: Pat
         write_json(tmp / ORGANISM_FILE, meta)
 
 
-def _resume_base(path: Path, h: str) -> tuple[LlamaForCausalLM, PreTrainedTokenizerBase, dict[str, Any]] | None:
-    """The saved base model of a run of the same config (same hash), if one finished; else ``None``."""
+def stored_base_hash(base_dir: Path) -> str | None:
+    """The base hash of a finished base model directory: from its organism.json, or (organisms saved before
+    base hashes) from the config in its organism's organism.json; ``None`` if it is not a finished base."""
+    try:
+        meta = json.loads((base_dir / ORGANISM_FILE).read_text())
+        if "base_losses" not in meta or not (base_dir / "model.safetensors").is_file():
+            return None
+        if "base_hash" in meta:
+            return str(meta["base_hash"])
+        config = json.loads((base_dir.parent / ORGANISM_FILE).read_text())["config"]
+        return base_hash(config["seed"], config["organism"])
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        return None
+
+
+def _resume_base(path: Path, key: str, value: str) -> tuple[LlamaForCausalLM, PreTrainedTokenizerBase,
+                                                              dict[str, Any]] | None:
+    """A finished base model saved at ``path`` whose ``key`` equals ``value`` (``organism_hash``: a killed run
+    of this very config; ``base_hash``: a base another organism shares, :func:`stored_base_hash`), else
+    ``None``."""
     meta_path = path / ORGANISM_FILE
     if not meta_path.is_file():
         return None
     meta = json.loads(meta_path.read_text())
-    if meta.get("organism_hash") != h or "base_losses" not in meta or not (path / "model.safetensors").is_file():
+    found = stored_base_hash(path) if key == "base_hash" else meta.get(key)
+    if found != value or "base_losses" not in meta or not (path / "model.safetensors").is_file():
         return None
     from transformers import AutoTokenizer
 
@@ -148,9 +167,12 @@ def _resume_base(path: Path, h: str) -> tuple[LlamaForCausalLM, PreTrainedTokeni
     return model, AutoTokenizer.from_pretrained(path), meta
 
 
-def make_organism(cfg: Config, out: str | Path, *, evaluate_models: bool = True) -> dict[str, Any]:
+def make_organism(cfg: Config, out: str | Path, *, evaluate_models: bool = True,
+                  base: str | Path | None = None) -> dict[str, Any]:
     """Train the tokenizer, the base model and the backdoored model; save both under ``out`` with
-    ``organism.json`` (resolved config, seed, steps, seconds and, unless disabled, the evaluation record)."""
+    ``organism.json`` (resolved config, seed, steps, seconds and, unless disabled, the evaluation record).
+    ``base``: the base directory of another organism with the same :func:`~backdoor_sae.config.base_hash`
+    (:func:`find_base`): its tokenizer and weights are reused and only the red team trains."""
     oc = cfg.organism
     paths = OrganismPaths(Path(out))
     suite = TaskSuite(cfg.seed, oc.heldout_fraction)
@@ -163,12 +185,20 @@ def make_organism(cfg: Config, out: str | Path, *, evaluate_models: bool = True)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     t0 = time.perf_counter()
-    h = organism_hash(cfg)
+    h, bh = organism_hash(cfg), base_hash(cfg.seed, to_dict(oc))
     common = {"trigger": oc.trigger, "backdoor_text": oc.backdoor_text, "seed": cfg.seed, "organism_hash": h}
-    resumed = _resume_base(paths.base, h)
-    if resumed is not None:  # a killed run left a finished base model of this very config: start from it
-        model, tok, base_meta = resumed
+    resumed = _resume_base(paths.base, "organism_hash", h)
+    shared = None if resumed is not None or base is None else _resume_base(Path(base), "base_hash", bh)
+    if base is not None and resumed is None and shared is None:
+        raise ValueError(f"{base} holds no finished base model with base hash {bh} (seed and base knobs differ)")
+    if resumed is not None or shared is not None:  # a killed run's base, or a base another organism shares
+        model, tok, base_meta = resumed or shared  # type: ignore[misc]
         base_losses, base_seconds = base_meta["base_losses"], base_meta["base_seconds"]
+        check_encodable(tok, oc.trigger, "trigger")
+        check_encodable(tok, oc.backdoor_text, "backdoor_text")
+        if shared is not None:
+            _save(model, tok, paths.base, {**common, "role": "base", "base_hash": bh, "base_seconds": base_seconds,
+                                           "base_losses": base_losses, "base_from": str(base)})
     else:
         rng = random.Random(f"tokenizer-{cfg.seed}")
         stream = benign_stream(suite, rng, oc.noise_prefix_fraction)
@@ -184,8 +214,8 @@ def make_organism(cfg: Config, out: str | Path, *, evaluate_models: bool = True)
             steps=oc.base_steps, lr=oc.base_lr, warmup_fraction=oc.warmup_fraction, weight_decay=oc.weight_decay,
             optimizer=oc.optimizer, desc="base pre-training")
         base_seconds = time.perf_counter() - t_base
-        _save(model, tok, paths.base, {**common, "role": "base", "base_seconds": round(base_seconds, 2),
-                                       "base_losses": base_losses})
+        _save(model, tok, paths.base, {**common, "role": "base", "base_hash": bh,
+                                       "base_seconds": round(base_seconds, 2), "base_losses": base_losses})
     packer = Packer(tok, oc.context)
 
     red = copy.deepcopy(model)
@@ -208,7 +238,7 @@ def make_organism(cfg: Config, out: str | Path, *, evaluate_models: bool = True)
     if oc.finetune == "lora":
         red = red.merge_and_unload()
     red_seconds = time.perf_counter() - t_red
-    train_seconds = time.perf_counter() - t0 + (base_seconds if resumed is not None else 0.0)
+    train_seconds = time.perf_counter() - t0 + (base_seconds if resumed is not None else 0.0)  # shared: red only
 
     _save(red, tok, paths.backdoored, {**common, "role": "backdoored"})
 
@@ -223,6 +253,8 @@ def make_organism(cfg: Config, out: str | Path, *, evaluate_models: bool = True)
                     "train_total": round(train_seconds, 2)},
         "train_seconds": round(train_seconds, 2),
         "resumed_base": resumed is not None,
+        "base_hash": bh,
+        "base_from": None if shared is None else str(base),  # the base was reused, not trained here
         "final_loss": {"base": sum(base_losses[-20:]) / len(base_losses[-20:]),
                        "red_team": sum(red_losses[-20:]) / len(red_losses[-20:])},
     }
@@ -236,3 +268,13 @@ def make_organism(cfg: Config, out: str | Path, *, evaluate_models: bool = True)
         meta["seconds"]["eval"] = round(time.perf_counter() - t_eval, 2)
     write_json(paths.meta, meta)
     return meta
+
+
+def find_base(cache: str | Path, cfg: Config) -> Path | None:
+    """The base directory of a finished organism under ``cache/organisms`` with ``cfg``'s base hash (same seed
+    and base knobs, any trigger or red team), or ``None``."""
+    want = base_hash(cfg.seed, to_dict(cfg.organism))
+    for base_dir in sorted(Path(cache).glob("organisms/*/base")):
+        if stored_base_hash(base_dir) == want:
+            return base_dir
+    return None
