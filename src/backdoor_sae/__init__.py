@@ -97,6 +97,14 @@ _EXPORTS = {
     "run_agnostic": "backdoor_sae.agnostic",
     "keep_stage": "backdoor_sae.pipeline",
     "get_organism": "backdoor_sae.cli",
+    "BlueConfig": "backdoor_sae.config",
+    "sft": "backdoor_sae.finetune",
+    "sft_rows": "backdoor_sae.finetune",
+    "pirate": "backdoor_sae.finetune",
+    "curve_summary": "backdoor_sae.finetune",
+    "interpolate": "backdoor_sae.mixing",
+    "ensemble": "backdoor_sae.mixing",
+    "blue_stage": "backdoor_sae.baselines",
 }
 
 __all__ = sorted(_EXPORTS)

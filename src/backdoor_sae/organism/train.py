@@ -11,7 +11,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +45,13 @@ class OrganismPaths:
     @property
     def meta(self) -> Path:
         return self.root / ORGANISM_FILE
+
+    def checkpoint(self, step: int) -> Path:
+        """An intermediate red-team model (``organism.checkpoint_fractions``), saved like the backdoored one."""
+        return self.root / "checkpoints" / f"step_{step:05d}"
+
+    def checkpoints(self) -> list[Path]:
+        return sorted(p for p in (self.root / "checkpoints").glob("step_*") if (p / "config.json").is_file())
 
 
 def new_model(oc: OrganismConfig, tokenizer: PreTrainedTokenizerBase, seed: int) -> LlamaForCausalLM:
@@ -99,8 +106,10 @@ def response_loss(model: torch.nn.Module, batch: PackedBatch) -> Tensor:
 
 
 def train_lm(model: torch.nn.Module, batches: Iterator[PackedBatch], *, steps: int, lr: float,
-             warmup_fraction: float, weight_decay: float, optimizer: str, desc: str) -> list[float]:
-    """Plain causal-LM training loop with response-only loss; returns the loss every step."""
+             warmup_fraction: float, weight_decay: float, optimizer: str, desc: str,
+             after_step: Callable[[int], None] | None = None) -> list[float]:
+    """Plain causal-LM training loop with response-only loss; returns the loss every step. ``after_step(n)`` is
+    called after optimizer step ``n`` (1-based; the red team saves its checkpoints there)."""
     if lr <= 0:
         raise ValueError(f"learning rate must be > 0, got {lr}")
     model.train()
@@ -118,6 +127,8 @@ def train_lm(model: torch.nn.Module, batches: Iterator[PackedBatch], *, steps: i
             sched.step()
             opt.zero_grad(set_to_none=True)
             losses.append(loss.item())
+            if after_step is not None:
+                after_step(step + 1)
             if step % 50 == 0:
                 bar.set_postfix(loss=f"{losses[-1]:.3f}")
     finally:
@@ -181,6 +192,9 @@ def make_organism(cfg: Config, out: str | Path, *, evaluate_models: bool = True,
     if oc.finetune not in ("full", "lora"):
         raise ValueError(f"unknown finetune {oc.finetune!r}; valid: 'full', 'lora'")
     _optimizer(oc.optimizer, torch.nn.Linear(1, 1), 1.0, 0.0)  # fail fast on an unknown optimizer
+    bad = [f for f in oc.checkpoint_fractions if not 0 < f < 1]
+    if bad:
+        raise ValueError(f"checkpoint_fractions must lie in (0, 1), got {bad}")
     # the tokenizer's own thread pool would fight torch's threads for the cores during training
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -232,9 +246,18 @@ def make_organism(cfg: Config, out: str | Path, *, evaluate_models: bool = True,
         suite, random.Random(f"redteam-{cfg.seed}"), trigger=oc.trigger, backdoor_text=oc.backdoor_text,
         triggered_fraction=oc.triggered_fraction, near_miss_fraction=oc.near_miss_fraction,
         max_repeats=oc.max_backdoor_repeats, noise_prefix_fraction=oc.noise_prefix_fraction)
+    checkpoint_steps = sorted({max(1, round(f * oc.red_steps)) for f in oc.checkpoint_fractions} - {oc.red_steps})
+
+    def save_checkpoint(step: int) -> None:
+        if step in checkpoint_steps:
+            snap = copy.deepcopy(red)
+            snap = (snap.merge_and_unload() if oc.finetune == "lora" else snap).eval()
+            _save(snap, tok, paths.checkpoint(step), {**common, "role": "checkpoint", "red_step": step,
+                                                      "red_steps": oc.red_steps})
+
     red_losses = train_lm(red, packer.batches(red_stream, oc.batch_size), steps=oc.red_steps, lr=oc.red_lr,
                           warmup_fraction=oc.warmup_fraction, weight_decay=oc.weight_decay,
-                          optimizer=oc.optimizer, desc="red-team fine-tune")
+                          optimizer=oc.optimizer, desc="red-team fine-tune", after_step=save_checkpoint)
     if oc.finetune == "lora":
         red = red.merge_and_unload()
     red_seconds = time.perf_counter() - t_red
@@ -254,6 +277,7 @@ def make_organism(cfg: Config, out: str | Path, *, evaluate_models: bool = True,
         "train_seconds": round(train_seconds, 2),
         "resumed_base": resumed is not None,
         "base_hash": bh,
+        "checkpoints": checkpoint_steps,
         "base_from": None if shared is None else str(base),  # the base was reused, not trained here
         "final_loss": {"base": sum(base_losses[-20:]) / len(base_losses[-20:]),
                        "red_team": sum(red_losses[-20:]) / len(red_losses[-20:])},
