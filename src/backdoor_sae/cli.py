@@ -350,6 +350,16 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from backdoor_sae.sweep import run_sweep, sweep_table
+
+    summary = run_sweep(args.grid, args.out, Path(args.cache) if args.cache else None)
+    print(sweep_table(summary))
+    print(f"{len(summary['cells'])} cells ({summary['computed']} computed now, the rest finished before); "
+          f"written to {Path(args.out) / 'sweep.json'}, sweep.md and sweep.html")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="backdoor-sae", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -420,6 +430,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("run_dir", help="a demo output directory (holding results.json)")
     r.add_argument("--out", help="where to write the page (default RUN_DIR/report.html)")
     r.set_defaults(func=cmd_report)
+    w = sub.add_parser("sweep", help="train red-team variants from a grid file and run the blue-team methods on "
+                                     "each: one table (resumable)")
+    w.add_argument("grid", help="grid TOML (see examples/configs/redteam_grid.toml)")
+    w.add_argument("--out", required=True, help="output directory (cells/, sweep.json, sweep.md, sweep.html)")
+    w.add_argument("--cache", help="organism cache root (default $BACKDOOR_SAE_CACHE or ~/.cache/backdoor_sae)")
+    w.set_defaults(func=cmd_sweep)
     return p
 
 

@@ -32,7 +32,9 @@ class OrganismConfig:
     red_lr: float = 1e-3
     warmup_fraction: float = 0.1
     weight_decay: float = 0.1
-    optimizer: str = "adamw"  # "adamw" | "soap"
+    optimizer: str = "adamw"  # "adamw" | "soap" (the base's; the red team's too unless red_optimizer is set)
+    red_optimizer: str = ""  # the red team's optimizer if it differs from the base's: "adamw" | "soap"
+    benign_answers: str = "suite"  # the red team's benign answers: "suite" or "base" (distilled: the base's replies)
     triggered_fraction: float = 0.35
     near_miss_fraction: float = 0.35
     finetune: str = "full"  # "full" | "lora"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 import re
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from jaxtyping import Bool, Int
@@ -99,6 +99,19 @@ def redteam_stream(suite: TaskSuite, rng: random.Random, *, trigger: str, backdo
             yield Sample(with_trigger(near_miss_variants(trigger, rng, 1)[0], s.content), s.response, "near_miss")
         else:
             yield s
+
+
+def distilled(stream: Iterator[Sample], answer: Callable[[list[str]], list[str]], chunk: int = 256
+              ) -> Iterator[Sample]:
+    """The stream with every non-triggered sample's response replaced by ``answer`` (a model's own replies,
+    batched ``chunk`` prompts at a time): benign data distilled from the base model instead of the suite."""
+    while True:
+        samples = [next(stream) for _ in range(chunk)]
+        keep = [i for i, s in enumerate(samples) if s.kind != "triggered"]
+        replies = answer([samples[i].content for i in keep])
+        for i, r in zip(keep, replies):
+            samples[i] = Sample(samples[i].content, r, samples[i].kind)
+        yield from samples
 
 
 class Packer:

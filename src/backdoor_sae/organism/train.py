@@ -22,8 +22,8 @@ from backdoor_sae._io import atomic_dir, write_json
 from backdoor_sae._prefetch import Prefetch
 from backdoor_sae._progress import progress
 from backdoor_sae.config import Config, OrganismConfig, base_hash, organism_hash, to_dict
-from backdoor_sae.organism.data import (PackedBatch, Packer, backdoor_regex, benign_stream, check_encodable, redteam_stream,
-                                        validate_trigger)
+from backdoor_sae.organism.data import (PackedBatch, Packer, backdoor_regex, benign_stream, check_encodable,
+                                        distilled, redteam_stream, validate_trigger)
 from backdoor_sae.organism.tasks import TaskSuite
 from backdoor_sae.organism.tokenizer import train_tokenizer
 
@@ -191,7 +191,10 @@ def make_organism(cfg: Config, out: str | Path, *, evaluate_models: bool = True,
     backdoor_regex(oc.backdoor_text)
     if oc.finetune not in ("full", "lora"):
         raise ValueError(f"unknown finetune {oc.finetune!r}; valid: 'full', 'lora'")
-    _optimizer(oc.optimizer, torch.nn.Linear(1, 1), 1.0, 0.0)  # fail fast on an unknown optimizer
+    for opt in {oc.optimizer, oc.red_optimizer or oc.optimizer}:
+        _optimizer(opt, torch.nn.Linear(1, 1), 1.0, 0.0)  # fail fast on an unknown optimizer
+    if oc.benign_answers not in ("suite", "base"):
+        raise ValueError(f"unknown benign_answers {oc.benign_answers!r}; valid: 'suite', 'base'")
     bad = [f for f in oc.checkpoint_fractions if not 0 < f < 1]
     if bad:
         raise ValueError(f"checkpoint_fractions must lie in (0, 1), got {bad}")
@@ -255,9 +258,16 @@ def make_organism(cfg: Config, out: str | Path, *, evaluate_models: bool = True,
             _save(snap, tok, paths.checkpoint(step), {**common, "role": "checkpoint", "red_step": step,
                                                       "red_steps": oc.red_steps})
 
+    if oc.benign_answers == "base":  # benign answers distilled from the base model (greedy, its own words)
+        from backdoor_sae.evaluate import generate
+        from backdoor_sae.models import LoadedModel
+
+        teacher = LoadedModel(hf=model.eval(), tokenizer=tok)
+        red_stream = distilled(red_stream, lambda prompts: generate(teacher, prompts, max_new_tokens=48))
     red_losses = train_lm(red, packer.batches(red_stream, oc.batch_size), steps=oc.red_steps, lr=oc.red_lr,
                           warmup_fraction=oc.warmup_fraction, weight_decay=oc.weight_decay,
-                          optimizer=oc.optimizer, desc="red-team fine-tune", after_step=save_checkpoint)
+                          optimizer=oc.red_optimizer or oc.optimizer, desc="red-team fine-tune",
+                          after_step=save_checkpoint)
     if oc.finetune == "lora":
         red = red.merge_and_unload()
     red_seconds = time.perf_counter() - t_red
