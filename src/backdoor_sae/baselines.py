@@ -210,7 +210,7 @@ def blue_stage(cfg: Config, organism_root: str | Path,
     record = _Recorder(cfg, backdoored, selection)
     t = time.perf_counter()
     rows = {style: sft_rows(cfg, style, base=base) for style in STYLES}
-    timings["blue_data"] = time.perf_counter() - t
+    timings["data"] = time.perf_counter() - t
     methods: dict[str, Any] = {}
     pirated: dict[str, LoadedModel] = {}
     depirated: dict[str, Any] = {}
