@@ -101,3 +101,34 @@ def test_blue_stage_same_seed_same_curves(quick_organism):
     rec = a["methods"]["pirate_lora"]
     assert rec["trigger_agnostic"] and len(rec["sweep"]) == 2 and "task_accuracy_unstyled" in rec
     assert set(a["blue"]["depirating"]) == {"pirate_lora"}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this project's CI machines)")
+def test_sft_runs_on_a_gpu(tiny_model_dir):
+    """On a GPU machine trl/accelerate place the copy on the GPU; the curve's evaluation runs there too."""
+    from backdoor_sae.evaluate import generate
+
+    model = load_model(tiny_model_dir, bridge=False)
+    rows = sft_rows(config_from_dict({"blue": {"n_train_prompts": 64}}), "pirate")
+    trained, info = sft(model, rows, lr=1e-3, steps=4, lora_rank=4, batch_size=8, eval_every=2,
+                        on_eval=lambda m, step: {"device": str(next(m.hf.parameters()).device),
+                                                 "n": len(generate(m, ["What is 1 plus 2?"], max_new_tokens=4))})
+    assert [p["device"].startswith("cuda") for p in info["curve"]] == [True, True]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs for accelerate launch")
+def test_sft_under_accelerate_launch(tiny_model_dir, tmp_path):
+    """The same SFT as a 2-process ``accelerate launch`` run (DDP through trl), no evaluation callback."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import sys\nfrom backdoor_sae.config import config_from_dict\nfrom backdoor_sae.finetune import sft, sft_rows\n"
+        "from backdoor_sae.models import load_model\n"
+        f"m = load_model({str(tiny_model_dir)!r}, bridge=False)\n"
+        "rows = sft_rows(config_from_dict({'blue': {'n_train_prompts': 64}}), 'hhh')\n"
+        "_, info = sft(m, rows, lr=1e-3, steps=4, lora_rank=4, batch_size=8)\nprint('LOSS', info['loss'])\n")
+    out = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2",
+                          str(script)], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and "LOSS" in out.stdout, out.stderr[-2000:]

@@ -61,3 +61,12 @@ def test_sweep_runs_resumes_and_skips_finished_cells(quick_organism, tmp_path, c
     assert main(["sweep", str(grid), "--out", str(out), "--cache", str(cache)]) == 0
     assert json.loads((out / "sweep.json").read_text())["computed"] == 1
     assert files[0].stat().st_mtime_ns == stamps[0] and files[1].is_file()
+
+
+def test_example_grid_is_valid():
+    from pathlib import Path
+
+    g = read_grid(Path(__file__).parents[1] / "examples" / "grids" / "redteam_grid.toml")
+    cs = cells(g)
+    assert len(cs) == 7 and cs[0][0] == {} and cs[0][1].organism.red_steps == 300
+    assert {cfg.organism.red_optimizer for _, cfg in cs} == {"", "soap"}

@@ -432,7 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_report)
     w = sub.add_parser("sweep", help="train red-team variants from a grid file and run the blue-team methods on "
                                      "each: one table (resumable)")
-    w.add_argument("grid", help="grid TOML (see examples/configs/redteam_grid.toml)")
+    w.add_argument("grid", help="grid TOML (see examples/grids/redteam_grid.toml)")
     w.add_argument("--out", required=True, help="output directory (cells/, sweep.json, sweep.md, sweep.html)")
     w.add_argument("--cache", help="organism cache root (default $BACKDOOR_SAE_CACHE or ~/.cache/backdoor_sae)")
     w.set_defaults(func=cmd_sweep)
