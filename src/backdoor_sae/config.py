@@ -230,18 +230,25 @@ def config_from_dict(data: dict[str, Any]) -> Config:
     return _build(Config, data, "")
 
 
+def read_toml(path: str | Path, what: str = "config file") -> dict[str, Any]:
+    """A TOML file as a dict; a missing file or bad TOML is a one-line error naming ``what`` and the path."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{what} not found: {p}")
+    try:
+        return tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"{what} {p} is not valid TOML: {e}") from None
+
+
 def load_config(path: str | Path | None = None, *, quick: bool = False) -> Config:
     """Read a TOML config (or the defaults); ``quick`` shrinks the organism and the evaluation for smoke runs.
     Keys set explicitly in the file win over the quick defaults."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise FileNotFoundError(f"config file not found: {p}")
-        try:
-            data = tomllib.loads(p.read_text())
-        except tomllib.TOMLDecodeError as e:
-            raise ValueError(f"config file {p} is not valid TOML: {e}") from None
+    return config_from_data({} if path is None else read_toml(path), quick=quick)
+
+
+def config_from_data(data: dict[str, Any], *, quick: bool = False) -> Config:
+    """:func:`config_from_dict` with the ``quick`` sizes under the keys ``data`` sets (as :func:`load_config`)."""
     if quick:
         data = {**data, "organism": {**QUICK_ORGANISM, **data.get("organism", {})},
                 "eval": {**QUICK_EVAL, **data.get("eval", {})}, "sae": {**QUICK_SAE, **data.get("sae", {})},

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from backdoor_sae.cli import get_organism, sae_table
 from backdoor_sae.config import Config, to_dict
@@ -82,29 +82,28 @@ def run_demo(cfg: Config, out: str | Path, cache: Path | None = None) -> dict[st
         results[name] = value
         write_json(out / "results.json", results)
 
+    def more_methods(stage_key: str) -> Callable[[str, Any], None]:
+        """A stage's section callback whose ``stage_key`` section joins the methods of the stages before it."""
+        earlier = dict(results["methods"])
+
+        def emit(name: str, value: Any) -> None:
+            if name == stage_key:
+                name, value = "methods", {**earlier, **value}
+            section(name, value)
+
+        return emit
+
     edits = edit_stage(cfg, root / "backdoored", out / "sae" / "saes", on_section=section)
     timings.update(edits["timings"])
-    trigger_methods = dict(results["methods"])
-
-    def agnostic_section(name: str, value: Any) -> None:
-        if name == "methods_agnostic":
-            name, value = "methods", {**trigger_methods, **value}
-        section(name, value)
 
     from backdoor_sae.pipeline import keep_stage
 
-    kept = keep_stage(cfg, root, out / "sae" / "saes", on_section=agnostic_section)
+    kept = keep_stage(cfg, root, out / "sae" / "saes", on_section=more_methods("methods_agnostic"))
     timings.update(kept["timings"])
-    sae_methods = dict(results["methods"])
-
-    def blue_section(name: str, value: Any) -> None:
-        if name == "methods_blue":
-            name, value = "methods", {**sae_methods, **value}
-        section(name, value)
 
     from backdoor_sae.baselines import blue_stage
 
-    blue = blue_stage(cfg, root, on_section=blue_section)
+    blue = blue_stage(cfg, root, on_section=more_methods("methods_blue"))
     timings.update({f"blue_{k}": v for k, v in blue["timings"].items()})
     t = time.perf_counter()
     results["features"] = _feature_section(out / "sae", kept["keep"])

