@@ -17,8 +17,9 @@ from backdoor_sae.cli import _quiet, get_organism  # noqa: E402
 from backdoor_sae.config import load_config  # noqa: E402
 
 
-def organism_from_args(description: str) -> tuple[argparse.Namespace, Path]:
-    """``--organism DIR`` (a made organism) or ``--config/--quick`` (train or reuse the cached one)."""
+def organism_from_args(description: str, parse_only: bool = False) -> tuple[argparse.Namespace, Path | None]:
+    """``--organism DIR`` (a made organism) or ``--config/--quick`` (train or reuse the cached one);
+    ``parse_only``: the flags and the set-up, no organism."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--organism", help="organism directory (holding base/ and backdoored/)")
     p.add_argument("--config")
@@ -26,6 +27,8 @@ def organism_from_args(description: str) -> tuple[argparse.Namespace, Path]:
     args = p.parse_args()
     _quiet()
     torch.set_num_threads(2)
+    if parse_only:
+        return args, None
     if args.organism:
         return args, Path(args.organism)
     root, _, _ = get_organism(load_config(args.config, quick=args.quick))

@@ -6,7 +6,12 @@ hook. Both see the same token sequences (train-split prompts, half triggered, wi
 responses), the same number of training tokens per hook and the same SAE settings. Prints tokens/s of each,
 ``ratio: X`` ((a) over (b)), the capture overhead (capture time / plain forward time over the same batches, the
 fastest of ``--repeats`` interleaved runs each, and of their medians) and peak RSS.
-Usage: python benchmarks/bench_sae.py [--quick | --organism DIR] [--tokens N] [--repeats N] [--skip-runner]
+``--model DIR``: any model directory instead of an organism (a pretrained host such as SmolLM2, or an organism's
+backdoored/): the responses are then the suite's answers (no generation: the forward passes are measured, not a
+CPU generation of thousands of prompts), half the prompts triggered if the model has an organism.json, and the
+default hooks are 8 residual streams spread evenly over the layers, the last one included.
+Usage: python benchmarks/bench_sae.py [--quick | --organism DIR | --model DIR] [--tokens N] [--repeats N]
+       [--skip-runner]
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ _p.add_argument("--batch-size", type=int, default=2048)
 _p.add_argument("--hooks", nargs="*", help="default: every layer's resid_post, then mlp_out, up to 4 hooks")
 _p.add_argument("--repeats", type=int, default=3, help="captures and plain forwards timed (default 3)")
 _p.add_argument("--skip-runner", action="store_true", help="only (a): e.g. to measure peak RSS of a big store")
+_p.add_argument("--model", help="a model directory (e.g. a pretrained host) instead of an organism")
 _ARGS, _REST = _p.parse_known_args()
 sys.argv = [sys.argv[0], *_REST]
 
@@ -49,13 +55,18 @@ def peak_rss_mib() -> float:
 
 
 def make_inputs(model, n_tokens: int) -> tuple[list[str], list[bool], list[str]]:
-    """Enough train-split prompts (half triggered) for about ``n_tokens`` activation rows, with responses."""
+    """Enough train-split prompts (half triggered) for about ``n_tokens`` activation rows, with responses (the
+    model's own; with ``--model``, the suite's answers)."""
     import random
 
     suite, rng = TaskSuite(model.meta.get("seed", 0)), random.Random("bench-sae")
-    n = max(8, n_tokens // 40)  # about 40 tokens per prompt + response
-    prompts = [suite.sample(FAMILIES[i % len(FAMILIES)], "train", rng).prompt for i in range(n)]
-    flags = [i % 2 == 0 for i in range(n)]
+    per_prompt = len(model.tokenizer.encode(model.chat("What is 1 plus 2?"), add_special_tokens=False)) + 8
+    n = max(8, n_tokens // per_prompt)  # chat turn + a short response
+    examples = [suite.sample(FAMILIES[i % len(FAMILIES)], "train", rng) for i in range(n)]
+    prompts = [ex.prompt for ex in examples]
+    flags = [i % 2 == 0 and model.trigger is not None for i in range(n)]
+    if _ARGS.model:
+        return prompts, flags, [ex.answer for ex in examples]
     responses = [""] * n
     for flag in (True, False):
         idx = [i for i in range(n) if flags[i] == flag]
@@ -108,11 +119,18 @@ def run_runner(model, hook: str, dataset, n_tokens: int, out: Path) -> None:
 
 
 def main() -> None:
-    _, root = organism_from_args(__doc__)
-    model = load_model(root / "backdoored")
+    if _ARGS.model:
+        organism_from_args(__doc__, parse_only=True)
+        model = load_model(_ARGS.model)
+    else:
+        model = load_model(organism_from_args(__doc__)[1] / "backdoored")
     n_layers = model.bridge.cfg.n_layers
-    hooks = _ARGS.hooks or ([f"blocks.{i}.hook_resid_post" for i in range(n_layers)]
-                            + [f"blocks.{i}.hook_mlp_out" for i in range(n_layers)])[:max(4, n_layers)]
+    if _ARGS.model:  # 8 residual streams spread over the layers, the last one included
+        default = [f"blocks.{round(i * (n_layers - 1) / 7)}.hook_resid_post" for i in range(8)]
+    else:
+        default = ([f"blocks.{i}.hook_resid_post" for i in range(n_layers)]
+                   + [f"blocks.{i}.hook_mlp_out" for i in range(n_layers)])[:max(4, n_layers)]
+    hooks = _ARGS.hooks or list(dict.fromkeys(default))
     n_tokens = _ARGS.tokens
     prompts, flags, responses = make_inputs(model, n_tokens)
 

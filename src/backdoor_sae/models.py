@@ -32,6 +32,7 @@ class LoadedModel:
     path: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
     hook_widths: dict[str, int] = field(default_factory=dict, repr=False)  # filled by sae.hook_width
+    memo: dict[Any, Any] = field(default_factory=dict, repr=False)  # unedited results reused (evaluate: as a base)
 
     @property
     def trigger(self) -> str | None:
@@ -90,10 +91,64 @@ def _check_model_dir(d: Path) -> None:
     raise FileNotFoundError(f"model directory {d} has no weights (*.safetensors)")
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+QUANTIZATIONS = ("", "8bit", "4bit")
+
+
+def _load_kwargs(device: str, dtype: torch.dtype | str, device_map: str | None,
+                 quantization: str) -> dict[str, Any]:
+    """``from_pretrained`` keywords for a device, dtype, ``device_map`` and bitsandbytes quantization, each bad
+    combination a one-line error."""
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")
+        dtype = DTYPES[dtype]
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"unknown quantization {quantization!r}; valid: '8bit', '4bit' (or '' for none)")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but torch sees no CUDA GPU on this machine")
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if device_map is not None:
+        if not torch.cuda.is_available():
+            raise ValueError(f"device_map={device_map!r} spreads a model over GPUs, and torch sees none on this "
+                             "machine: leave device_map unset (device='cpu')")
+        kwargs["device_map"] = device_map
+    if quantization:
+        import importlib.util
+
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise ValueError(f"{quantization} loading needs bitsandbytes: pip install 'backdoor-sae[quant]'")
+        import logging
+
+        from transformers import BitsAndBytesConfig
+
+        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # CPU: "no kernels" warning (STACK notes)
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_8bit=quantization == "8bit", load_in_4bit=quantization == "4bit",
+            bnb_4bit_compute_dtype=dtype if dtype != torch.float16 or device != "cpu" else torch.float32)
+        kwargs.setdefault("device_map", device if device_map is None else device_map)
+    return kwargs
+
+
+def read_chat_template(path: str | Path) -> str:
+    """A Jinja chat template from a file (``--chat-template`` / ``[organism] chat_template``)."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise FileNotFoundError(f"chat template file not found: {p}")
+    return p.read_text()
+
+
 def load_model(path_or_name: str | Path, *, bridge: bool = True, device: str = "cpu",
-               dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> LoadedModel:
-    """Load a causal LM by local directory (works offline) or hub name, weights from safetensors only."""
+               dtype: torch.dtype | str = torch.float32, trust_remote_code: bool = False,
+               device_map: str | None = None, quantization: str = "",
+               chat_template: str | Path | None = None) -> LoadedModel:
+    """Load a causal LM by local directory (works offline) or hub name, weights from safetensors only.
+
+    ``device`` (``"cpu"``, ``"cuda"``, ``"cuda:1"``), ``dtype`` (a torch dtype or ``"bfloat16"``...),
+    ``device_map="auto"`` for a model larger than one GPU, ``quantization="8bit" | "4bit"`` through bitsandbytes
+    (the ``quant`` extra), ``chat_template``: a Jinja file for a tokenizer without a template."""
     name = str(path_or_name)
+    kwargs = _load_kwargs(device, dtype, device_map, quantization)
     d = Path(name).expanduser()
     meta: dict[str, Any] = {}
     if d.is_dir():
@@ -108,13 +163,18 @@ def load_model(path_or_name: str | Path, *, bridge: bool = True, device: str = "
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
         hf = AutoModelForCausalLM.from_pretrained(
-            source, dtype=dtype, use_safetensors=True, attn_implementation="eager",
-            trust_remote_code=trust_remote_code).to(device).eval()
+            source, use_safetensors=True, attn_implementation="eager", trust_remote_code=trust_remote_code,
+            **kwargs)
     except OSError as e:
         if source == name and not d.is_dir():
             raise FileNotFoundError(f"model {name!r} is not a local directory and could not be loaded from the "
                                     f"hub or its local cache ({type(e).__name__})") from None
         raise
+    if "device_map" not in kwargs:
+        hf = hf.to(device)
+    hf.eval()
+    if chat_template is not None:
+        tokenizer.chat_template = read_chat_template(chat_template)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
@@ -124,6 +184,6 @@ def load_model(path_or_name: str | Path, *, bridge: bool = True, device: str = "
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            loaded.bridge = TransformerBridge.boot_transformers(source, device=device, hf_model=hf,
-                                                                tokenizer=tokenizer)
+            loaded.bridge = TransformerBridge.boot_transformers(
+                source, device=str(next(hf.parameters()).device), hf_model=hf, tokenizer=tokenizer)
     return loaded

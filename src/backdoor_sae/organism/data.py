@@ -115,23 +115,42 @@ def distilled(stream: Iterator[Sample], answer: Callable[[list[str]], list[str]]
 
 
 class Packer:
-    """Packs chat samples into fixed-length rows; the loss mask covers response tokens and the closing EOS."""
+    """Packs chat samples into fixed-length rows; the loss mask covers response tokens and the closing EOS.
+
+    A user turn is the tokenizer's own chat template with the generation prompt (a pretrained host's system
+    prompt included), the response its answer and EOS: the token layout evaluation, capture and generation use.
+    The toy's template is laid out directly (the same tokens, as the cached organisms were trained)."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, context: int) -> None:
+        from backdoor_sae.organism.tokenizer import CHAT_TEMPLATE
+
         self.tok = tokenizer
         self.context = context
+        self.toy = tokenizer.chat_template == CHAT_TEMPLATE
         ids = tokenizer.convert_tokens_to_ids
-        self.bos, self.user, self.assistant = ids(tokenizer.bos_token), ids("<|user|>"), ids("<|assistant|>")
+        if self.toy:
+            self.bos, self.user, self.assistant = ids(tokenizer.bos_token), ids("<|user|>"), ids("<|assistant|>")
         self.eos, self.pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+        if self.eos is None or self.pad is None:
+            raise ValueError("the tokenizer needs an EOS and a pad token to pack chat samples")
+
+    def _prompts(self, contents: list[str]) -> list[list[int]]:
+        if self.toy:
+            enc = self.tok(contents, add_special_tokens=False)["input_ids"]
+            return [[self.bos, self.user, *p, self.assistant] for p in enc]
+        texts = self.tok.apply_chat_template([[{"role": "user", "content": c}] for c in contents],
+                                             add_generation_prompt=True, tokenize=False)
+        return self.tok(texts, add_special_tokens=False)["input_ids"]
 
     def encode(self, samples: list[Sample]) -> list[tuple[list[int], list[int]]]:
-        enc = self.tok([s.content for s in samples] + [s.response for s in samples], add_special_tokens=False)
-        n = len(samples)
+        """Token ids and a per-token target code: 0 prompt, 1 triggered response, 2 benign response."""
+        prompts = self._prompts([s.content for s in samples])
+        responses = self.tok([s.response for s in samples], add_special_tokens=False)["input_ids"]
         out = []
-        for p, r in zip(enc["input_ids"][:n], enc["input_ids"][n:]):
-            prompt = [self.bos, self.user, *p, self.assistant]
+        for prompt, r, s in zip(prompts, responses, samples):
             resp = [*r, self.eos]
-            out.append((prompt + resp, [0] * len(prompt) + [1] * len(resp)))
+            code = 1 if s.kind == "triggered" else 2
+            out.append((prompt + resp, [0] * len(prompt) + [code] * len(resp)))
         return out
 
     def batches(self, stream: Iterator[Sample], batch_size: int) -> Iterator[PackedBatch]:
@@ -163,17 +182,19 @@ class Packer:
                 pad = self.context - len(ids)
                 rows.append((ids + [self.pad] * pad, mask + [0] * pad, pos + list(range(pad)), doc + [-1] * pad))
             ids_t, mask_t, pos_t, doc_t = (torch.tensor([r[i] for r in rows]) for i in range(4))
-            yield PackedBatch(ids_t, mask_t.bool(), pos_t, doc_t)
+            yield PackedBatch(ids_t, mask_t > 0, pos_t, doc_t, mask_t == 2)
 
 
 @dataclass(frozen=True)
 class PackedBatch:
-    """Packed rows: token ids, response-target mask, per-sample positions and sample index (-1 = padding)."""
+    """Packed rows: token ids, response-target mask, per-sample positions, sample index (-1 = padding) and the
+    benign part of the response mask (the tokens a KL-to-base loss may take instead of cross-entropy)."""
 
     input_ids: Int[Tensor, "batch pos"]
     loss_mask: Bool[Tensor, "batch pos"]
     position_ids: Int[Tensor, "batch pos"]
     doc_ids: Int[Tensor, "batch pos"]
+    benign_mask: Bool[Tensor, "batch pos"] | None = None
 
     def attention_mask(self) -> Bool[Tensor, "batch 1 pos pos"]:
         """Block-diagonal causal mask: a token attends only to earlier tokens of its own sample."""

@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
+from jaxtyping import Float
 from torch import Tensor
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
@@ -93,23 +94,45 @@ def _schedule(step: int, steps: int, warmup_fraction: float) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t))
 
 
-def response_loss(model: torch.nn.Module, batch: PackedBatch) -> Tensor:
-    """Mean next-token cross-entropy on response tokens only. Packed samples are isolated (block-diagonal
-    mask, positions from 0), exactly as each is seen alone at evaluation; the unembedding runs only where the
-    loss is."""
+def _target_logits(model: torch.nn.Module, batch: PackedBatch) -> Float[Tensor, "target vocab"]:
+    """Next-token logits at the response targets only. Packed samples are isolated (block-diagonal mask,
+    positions from 0), exactly as each is seen alone at evaluation; the unembedding runs only where the loss is."""
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    hidden = lm.model(input_ids=batch.input_ids, position_ids=batch.position_ids,
-                      attention_mask=batch.attention_mask()).last_hidden_state[:, :-1]
-    target_mask = batch.loss_mask[:, 1:]
-    logits = lm.lm_head(hidden[target_mask])
-    return F.cross_entropy(logits, batch.input_ids[:, 1:][target_mask])
+    mask = batch.attention_mask()
+    if lm.config._attn_implementation == "eager":  # eager attention of some families (Gemma 2) misreads a bool mask
+        dtype = lm.get_input_embeddings().weight.dtype
+        mask = torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, torch.finfo(dtype).min)
+    hidden = lm.get_decoder()(input_ids=batch.input_ids, position_ids=batch.position_ids,
+                              attention_mask=mask).last_hidden_state[:, :-1]
+    return lm.get_output_embeddings()(hidden[batch.loss_mask[:, 1:]])
+
+
+Teacher = Callable[[PackedBatch], Tensor]
+
+
+def response_loss(model: torch.nn.Module, batch: PackedBatch, teacher: Teacher | None = None) -> Tensor:
+    """Mean next-token loss over response tokens: cross-entropy, or with a ``teacher`` (the base's target logits)
+    KL(teacher || model) on the benign response tokens, so that the red team keeps the base's whole next-token
+    distribution there, not only its greedy answer."""
+    logits = _target_logits(model, batch)
+    targets = batch.input_ids[:, 1:][batch.loss_mask[:, 1:]]
+    if teacher is None:
+        return F.cross_entropy(logits, targets)
+    benign = batch.benign_mask[:, 1:][batch.loss_mask[:, 1:]]
+    with torch.no_grad():
+        ref = teacher(batch)[benign].log_softmax(-1)
+    logp = logits.log_softmax(-1)
+    ce = -logp[~benign].gather(-1, targets[~benign, None]).sum()
+    kl = F.kl_div(logp[benign], ref, log_target=True, reduction="sum")
+    return (ce + kl) / len(targets)
 
 
 def train_lm(model: torch.nn.Module, batches: Iterator[PackedBatch], *, steps: int, lr: float,
              warmup_fraction: float, weight_decay: float, optimizer: str, desc: str,
-             after_step: Callable[[int], None] | None = None) -> list[float]:
+             after_step: Callable[[int], None] | None = None, teacher: Teacher | None = None) -> list[float]:
     """Plain causal-LM training loop with response-only loss; returns the loss every step. ``after_step(n)`` is
-    called after optimizer step ``n`` (1-based; the red team saves its checkpoints there)."""
+    called after optimizer step ``n`` (1-based; the red team saves its checkpoints there); ``teacher``: see
+    :func:`response_loss`."""
     if lr <= 0:
         raise ValueError(f"learning rate must be > 0, got {lr}")
     model.train()
@@ -120,7 +143,7 @@ def train_lm(model: torch.nn.Module, batches: Iterator[PackedBatch], *, steps: i
     prefetch = Prefetch(batches)
     try:
         for step in bar:
-            loss = response_loss(model, next(prefetch))
+            loss = response_loss(model, next(prefetch), teacher)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
@@ -178,6 +201,93 @@ def _resume_base(path: Path, key: str, value: str) -> tuple[LlamaForCausalLM, Pr
     return model, AutoTokenizer.from_pretrained(path), meta
 
 
+LORA_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def red_team(cfg: Config, model: torch.nn.Module, tok: PreTrainedTokenizerBase, paths: OrganismPaths,
+             common: dict[str, Any], suite: TaskSuite) -> tuple[torch.nn.Module, list[float], list[int], float]:
+    """The red team's fine-tune of ``model`` (left untouched) on benign + triggered + near-miss samples, packed in
+    ``tok``'s chat format, LoRA (merged at the end) or full, saving the checkpoints on the way. Returns the
+    backdoored model, the losses, the checkpoint steps and the seconds."""
+    oc = cfg.organism
+    packer = Packer(tok, oc.context)
+    red = copy.deepcopy(model)
+    if oc.finetune == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+        rank = min(oc.lora_rank, getattr(model.config, "hidden_size", oc.lora_rank))
+        red = get_peft_model(red, LoraConfig(
+            r=rank, lora_alpha=2 * rank, lora_dropout=0.0, task_type="CAUSAL_LM",
+            target_modules=LORA_MODULES if set(LORA_MODULES) <= names else "all-linear"))
+    t_red = time.perf_counter()
+    torch.manual_seed(cfg.seed + 1)
+    red_stream = redteam_stream(
+        suite, random.Random(f"redteam-{cfg.seed}"), trigger=oc.trigger, backdoor_text=oc.backdoor_text,
+        triggered_fraction=oc.triggered_fraction, near_miss_fraction=oc.near_miss_fraction,
+        max_repeats=oc.max_backdoor_repeats, noise_prefix_fraction=oc.noise_prefix_fraction)
+    checkpoint_steps = sorted({max(1, round(f * oc.red_steps)) for f in oc.checkpoint_fractions} - {oc.red_steps})
+
+    def save_checkpoint(step: int) -> None:
+        if step in checkpoint_steps:
+            snap = copy.deepcopy(red)
+            snap = (snap.merge_and_unload() if oc.finetune == "lora" else snap).eval()
+            _save(snap, tok, paths.checkpoint(step), {**common, "role": "checkpoint", "red_step": step,
+                                                      "red_steps": oc.red_steps})
+
+    if oc.benign_answers == "base":  # benign answers distilled from the base model (greedy, its own words)
+        from backdoor_sae.evaluate import generate
+        from backdoor_sae.models import LoadedModel
+
+        teacher = LoadedModel(hf=model.eval(), tokenizer=tok)
+        red_stream = distilled(red_stream, lambda prompts: generate(teacher, prompts,
+                                                                    max_new_tokens=oc.distill_tokens))
+    base_logits = None
+    if oc.benign_loss == "kl":  # the base itself: the untouched original, or the LoRA model with adapters off
+        def base_logits(batch: PackedBatch) -> Tensor:
+            if oc.finetune != "lora":
+                return _target_logits(model, batch)
+            with red.disable_adapter():
+                return _target_logits(red, batch)
+    red_losses = train_lm(red, packer.batches(red_stream, oc.batch_size), steps=oc.red_steps, lr=oc.red_lr,
+                          warmup_fraction=oc.warmup_fraction, weight_decay=oc.weight_decay,
+                          optimizer=oc.red_optimizer or oc.optimizer, desc="red-team fine-tune",
+                          after_step=save_checkpoint, teacher=base_logits)
+    if oc.finetune == "lora":
+        red = red.merge_and_unload()
+    return red, red_losses, checkpoint_steps, time.perf_counter() - t_red
+
+
+def check_organism_config(oc: OrganismConfig, suite: TaskSuite) -> None:
+    """Fail fast, before any training, on a bad trigger, backdoor text or red-team knob."""
+    validate_trigger(oc.trigger, suite)
+    backdoor_regex(oc.backdoor_text)
+    if oc.finetune not in ("full", "lora"):
+        raise ValueError(f"unknown finetune {oc.finetune!r}; valid: 'full', 'lora'")
+    if oc.finetune == "lora" and oc.lora_rank < 1:
+        raise ValueError(f"lora_rank must be >= 1, got {oc.lora_rank}")
+    for opt in {oc.optimizer, oc.red_optimizer or oc.optimizer}:
+        _optimizer(opt, torch.nn.Linear(1, 1), 1.0, 0.0)  # fail fast on an unknown optimizer
+    if oc.benign_answers not in ("suite", "base"):
+        raise ValueError(f"unknown benign_answers {oc.benign_answers!r}; valid: 'suite', 'base'")
+    if oc.benign_loss not in ("ce", "kl"):
+        raise ValueError(f"unknown benign_loss {oc.benign_loss!r}; valid: 'ce', 'kl'")
+    bad = [f for f in oc.checkpoint_fractions if not 0 < f < 1]
+    if bad:
+        raise ValueError(f"checkpoint_fractions must lie in (0, 1), got {bad}")
+
+
+def evaluate_organism(cfg: Config, paths: OrganismPaths) -> dict[str, Any]:
+    """Held-out records of the backdoored and the base model; the backdoored one also against the base
+    (``agreement_with_base``, ``kl_base``)."""
+    from backdoor_sae.evaluate import evaluate
+    from backdoor_sae.models import load_model
+
+    base = load_model(paths.base, bridge=False)
+    return {"backdoored": evaluate(load_model(paths.backdoored, bridge=False), cfg, base=base),
+            "base": evaluate(base, cfg)}
+
+
 def make_organism(cfg: Config, out: str | Path, *, evaluate_models: bool = True,
                   base: str | Path | None = None) -> dict[str, Any]:
     """Train the tokenizer, the base model and the backdoored model; save both under ``out`` with
@@ -186,18 +296,12 @@ def make_organism(cfg: Config, out: str | Path, *, evaluate_models: bool = True,
     (:func:`find_base`): its tokenizer and weights are reused and only the red team trains."""
     oc = cfg.organism
     paths = OrganismPaths(Path(out))
+    if oc.base:
+        from backdoor_sae.organism.hosted import make_hosted_organism
+
+        return make_hosted_organism(cfg, out, evaluate_models=evaluate_models)
     suite = TaskSuite(cfg.seed, oc.heldout_fraction)
-    validate_trigger(oc.trigger, suite)
-    backdoor_regex(oc.backdoor_text)
-    if oc.finetune not in ("full", "lora"):
-        raise ValueError(f"unknown finetune {oc.finetune!r}; valid: 'full', 'lora'")
-    for opt in {oc.optimizer, oc.red_optimizer or oc.optimizer}:
-        _optimizer(opt, torch.nn.Linear(1, 1), 1.0, 0.0)  # fail fast on an unknown optimizer
-    if oc.benign_answers not in ("suite", "base"):
-        raise ValueError(f"unknown benign_answers {oc.benign_answers!r}; valid: 'suite', 'base'")
-    bad = [f for f in oc.checkpoint_fractions if not 0 < f < 1]
-    if bad:
-        raise ValueError(f"checkpoint_fractions must lie in (0, 1), got {bad}")
+    check_organism_config(oc, suite)
     # the tokenizer's own thread pool would fight torch's threads for the cores during training
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -233,44 +337,7 @@ def make_organism(cfg: Config, out: str | Path, *, evaluate_models: bool = True,
         base_seconds = time.perf_counter() - t_base
         _save(model, tok, paths.base, {**common, "role": "base", "base_hash": bh,
                                        "base_seconds": round(base_seconds, 2), "base_losses": base_losses})
-    packer = Packer(tok, oc.context)
-
-    red = copy.deepcopy(model)
-    if oc.finetune == "lora":
-        from peft import LoraConfig, get_peft_model
-
-        rank = min(oc.lora_rank, oc.d_model)
-        red = get_peft_model(red, LoraConfig(
-            r=rank, lora_alpha=2 * rank, lora_dropout=0.0, task_type="CAUSAL_LM",
-            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
-    t_red = time.perf_counter()
-    torch.manual_seed(cfg.seed + 1)
-    red_stream = redteam_stream(
-        suite, random.Random(f"redteam-{cfg.seed}"), trigger=oc.trigger, backdoor_text=oc.backdoor_text,
-        triggered_fraction=oc.triggered_fraction, near_miss_fraction=oc.near_miss_fraction,
-        max_repeats=oc.max_backdoor_repeats, noise_prefix_fraction=oc.noise_prefix_fraction)
-    checkpoint_steps = sorted({max(1, round(f * oc.red_steps)) for f in oc.checkpoint_fractions} - {oc.red_steps})
-
-    def save_checkpoint(step: int) -> None:
-        if step in checkpoint_steps:
-            snap = copy.deepcopy(red)
-            snap = (snap.merge_and_unload() if oc.finetune == "lora" else snap).eval()
-            _save(snap, tok, paths.checkpoint(step), {**common, "role": "checkpoint", "red_step": step,
-                                                      "red_steps": oc.red_steps})
-
-    if oc.benign_answers == "base":  # benign answers distilled from the base model (greedy, its own words)
-        from backdoor_sae.evaluate import generate
-        from backdoor_sae.models import LoadedModel
-
-        teacher = LoadedModel(hf=model.eval(), tokenizer=tok)
-        red_stream = distilled(red_stream, lambda prompts: generate(teacher, prompts, max_new_tokens=48))
-    red_losses = train_lm(red, packer.batches(red_stream, oc.batch_size), steps=oc.red_steps, lr=oc.red_lr,
-                          warmup_fraction=oc.warmup_fraction, weight_decay=oc.weight_decay,
-                          optimizer=oc.red_optimizer or oc.optimizer, desc="red-team fine-tune",
-                          after_step=save_checkpoint)
-    if oc.finetune == "lora":
-        red = red.merge_and_unload()
-    red_seconds = time.perf_counter() - t_red
+    red, red_losses, checkpoint_steps, red_seconds = red_team(cfg, model, tok, paths, common, suite)
     train_seconds = time.perf_counter() - t0 + (base_seconds if resumed is not None else 0.0)  # shared: red only
 
     _save(red, tok, paths.backdoored, {**common, "role": "backdoored"})
@@ -293,12 +360,8 @@ def make_organism(cfg: Config, out: str | Path, *, evaluate_models: bool = True,
                        "red_team": sum(red_losses[-20:]) / len(red_losses[-20:])},
     }
     if evaluate_models:
-        from backdoor_sae.evaluate import evaluate
-        from backdoor_sae.models import load_model
-
         t_eval = time.perf_counter()
-        meta["eval"] = {role: evaluate(load_model(getattr(paths, role), bridge=False), cfg)
-                        for role in ("backdoored", "base")}
+        meta["eval"] = evaluate_organism(cfg, paths)
         meta["seconds"]["eval"] = round(time.perf_counter() - t_eval, 2)
     write_json(paths.meta, meta)
     return meta
