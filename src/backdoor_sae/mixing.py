@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import weakref
 from contextlib import contextmanager
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -63,20 +63,37 @@ def check_same_tokenizer(models: Sequence[LoadedModel]) -> None:
                              f"model 0 ({models[0].path or '?'})")
 
 
+# transformers 5.24 renamed the cache argument and output field ``past_key_values`` to ``cache``; both are read.
+_CACHE_NAMES = ("cache", "past_key_values")
+
+
+def _cache_of(obj: Any, get: Callable[[Any, str], Any]) -> tuple[str | None, Any]:
+    """The (name, value) of the first non-None KV-cache entry of ``obj`` under either spelling."""
+    for name in _CACHE_NAMES:
+        value = get(obj, name)
+        if value is not None:
+            return name, value
+    return None, None
+
+
 def _aux_forward(model: torch.nn.Module, kwargs: dict[str, Any], caches: weakref.WeakKeyDictionary,
                  main_out: Any) -> torch.Tensor:
     """Run one ensemble member on the first model's inputs, with its own KV cache tied to the first model's
     (the first model's cache object is the key: a new one starts a new cache)."""
-    kw, key = dict(kwargs), kwargs.get("past_key_values")
+    kw = dict(kwargs)
+    name, key = _cache_of(kwargs, lambda d, n: d.get(n))
     if key is not None:
         if key not in caches:
             from transformers import DynamicCache
 
             caches[key] = DynamicCache(config=model.config)
-        kw["past_key_values"] = caches[key]
+        kw[name] = caches[key]
     out = model(**kw)
-    if key is None and getattr(main_out, "past_key_values", None) is not None:  # the first model made a cache
-        caches[main_out.past_key_values] = out.past_key_values
+    if key is None:  # the first model made a cache: the member's own one goes with it
+        _, main_cache = _cache_of(main_out, lambda o, n: getattr(o, n, None))
+        _, own = _cache_of(out, lambda o, n: getattr(o, n, None))
+        if main_cache is not None and own is not None:
+            caches[main_cache] = own
     return out.logits
 
 

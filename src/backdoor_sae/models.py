@@ -138,6 +138,16 @@ def read_chat_template(path: str | Path) -> str:
     return p.read_text()
 
 
+def _plain_bnb_cpu_layout(hf: torch.nn.Module) -> None:
+    """Keep bitsandbytes' 4-bit weights in their plain layout on CPU. On CPUs with AVX512-BF16, bitsandbytes
+    0.50 repacks a 4-bit weight at its first forward and unpacks it again in ``state_dict()``, which the bridge
+    and our saves call: measured here, every forward after a ``state_dict()`` gave other logits, and a weight
+    narrower than a block raised inside bitsandbytes. The plain kernel is slower and correct."""
+    for module in hf.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
 def load_model(path_or_name: str | Path, *, bridge: bool = True, device: str = "cpu",
                dtype: torch.dtype | str = torch.float32, trust_remote_code: bool = False,
                device_map: str | None = None, quantization: str = "",
@@ -173,6 +183,8 @@ def load_model(path_or_name: str | Path, *, bridge: bool = True, device: str = "
     if "device_map" not in kwargs:
         hf = hf.to(device)
     hf.eval()
+    if quantization == "4bit" and device == "cpu" and device_map is None:
+        _plain_bnb_cpu_layout(hf)
     if chat_template is not None:
         tokenizer.chat_template = read_chat_template(chat_template)
     if tokenizer.pad_token is None:
