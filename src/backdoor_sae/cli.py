@@ -89,7 +89,7 @@ def sae_table(record: dict[str, dict[str, float]]) -> str:
 
 
 def cmd_sae(args: argparse.Namespace) -> int:
-    from backdoor_sae.sae import sae_stage
+    from backdoor_sae.fidelity import sae_stage
 
     cfg = load_config(args.config, quick=args.quick)
     record = sae_stage(cfg, args.organism_dir, args.out, model=args.model)

@@ -73,7 +73,7 @@ def run_demo(cfg: Config, out: str | Path, cache: Path | None = None) -> dict[st
     write_json(out / "results.json", results)
     del base_model
 
-    from backdoor_sae.sae import sae_stage
+    from backdoor_sae.fidelity import sae_stage
 
     stage = sae_stage(cfg, root, out / "sae", model="backdoored")
     results["sae"] = stage["sae"]
