@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import warnings
 from dataclasses import replace
@@ -22,6 +23,9 @@ def _quiet() -> None:
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    # bitsandbytes (imported by transformer-lens when installed) logs "Failed to load CPU gemm_4bit_forward from
+    # kernels-community" on AVX512-BF16 CPUs: harmless, and the `kernels` package it asks for would reach the hub
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
 def get_organism(cfg: Config, cache: Path | None = None) -> tuple[Path, dict[str, Any], bool]:
