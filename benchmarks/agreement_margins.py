@@ -16,25 +16,22 @@ import torch
 from _common import organism_from_args
 
 from backdoor_sae.config import config_from_dict
-from backdoor_sae.evaluate import generate
+from backdoor_sae.evaluate import agreement, generate, heldout_open_prompts, heldout_tasks
 from backdoor_sae.models import format_chats, load_model
-from backdoor_sae.organism.tasks import FAMILIES, TaskSuite, out_of_template_prompts
 
 
 def main() -> None:
     _, root = organism_from_args(__doc__.splitlines()[0])
     cfg = config_from_dict(json.loads((root / "organism.json").read_text())["config"])
     ec = cfg.eval
-    suite = TaskSuite(cfg.seed, cfg.organism.heldout_fraction)
-    prompts = [ex.prompt for fam in FAMILIES for ex in suite.heldout(fam, ec.n_per_family, seed=1)]
-    prompts += out_of_template_prompts(ec.n_open, seed=cfg.seed + 1000)
+    prompts = [ex.prompt for ex in heldout_tasks(cfg)] + heldout_open_prompts(cfg)
     base, model = load_model(root / "base", bridge=False), load_model(root / "backdoored", bridge=False)
     kw = dict(max_new_tokens=ec.max_new_tokens, batch_size=ec.batch_size)
     ref, got = generate(base, prompts, **kw), generate(model, prompts, **kw)
     tok = base.tokenizer
     enc = [(tok.encode(a, add_special_tokens=False), tok.encode(b, add_special_tokens=False)) for a, b in zip(ref, got)]
     print(f"{len(prompts)} held-out clean prompts, {ec.max_new_tokens} new tokens, greedy")
-    print(f"agreement (exact string): {sum(a == b for a, b in zip(ref, got)) / len(prompts):.4f}")
+    print(f"agreement (exact string): {agreement(got, ref):.4f}")
     for k in (1, 4, 8, 16):
         print(f"agreement on the first {k} tokens: {sum(a[:k] == b[:k] for a, b in enc) / len(enc):.4f}")
     firsts, margins = [], []

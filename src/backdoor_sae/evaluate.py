@@ -175,6 +175,18 @@ def agreement(completions: Sequence[str], reference: Sequence[str]) -> float:
     return sum(a == b for a, b in zip(completions, reference, strict=True)) / len(completions)
 
 
+def heldout_tasks(cfg: Config) -> list[Example]:
+    """The held-out task examples ``evaluate`` generates for (clean and triggered), ``cfg.eval.n_per_family`` a
+    family."""
+    suite = TaskSuite(cfg.seed, cfg.organism.heldout_fraction)
+    return [ex for fam in FAMILIES for ex in suite.heldout(fam, cfg.eval.n_per_family, seed=1)]
+
+
+def heldout_open_prompts(cfg: Config) -> list[str]:
+    """The out-of-template prompts ``evaluate`` generates for (clean and triggered)."""
+    return out_of_template_prompts(cfg.eval.n_open, seed=cfg.seed + 1000)
+
+
 def evaluate(model: LoadedModel, cfg: Config, *, trigger: str | None = None, backdoor_text: str | None = None,
              edit: Any = None, reference: LoadedModel | None = None,
              unstyle: Callable[[str], str] | None = None, base: LoadedModel | None = None) -> dict[str, Any]:
@@ -198,7 +210,7 @@ def evaluate(model: LoadedModel, cfg: Config, *, trigger: str | None = None, bac
     ec = cfg.eval
     trigger, backdoor_text = _resolve(model, trigger, backdoor_text)
     suite = TaskSuite(cfg.seed, cfg.organism.heldout_fraction)
-    examples = [ex for fam in FAMILIES for ex in suite.heldout(fam, ec.n_per_family, seed=1)]
+    examples = heldout_tasks(cfg)
     prompts = [ex.prompt for ex in examples]
     kw = dict(max_new_tokens=ec.max_new_tokens, batch_size=ec.batch_size, stop_strings=stops(examples, backdoor_text))
     clean = generate(model, prompts, **kw)
@@ -208,7 +220,7 @@ def evaluate(model: LoadedModel, cfg: Config, *, trigger: str | None = None, bac
     nm_prompts = [with_trigger(v, ex.prompt)
                   for ex, v in zip(nm_examples, near_miss_variants(trigger, rng, len(nm_examples)))]
     near = generate(model, nm_prompts, **kw)
-    oot = out_of_template_prompts(ec.n_open, seed=cfg.seed + 1000)
+    oot = heldout_open_prompts(cfg)
     oot_clean = generate(model, oot, **kw)
     oot_trig = generate(model, oot, trigger=trigger, **kw)
 

@@ -16,9 +16,10 @@ from jaxtyping import Float
 from torch import Tensor
 
 from backdoor_sae._batching import padded_batches
+from backdoor_sae._io import write_json
 from backdoor_sae.activations import RESPONSE, ActivationStore, TokenSequence, capture_activations
 from backdoor_sae.config import Config
-from backdoor_sae.models import LoadedModel
+from backdoor_sae.models import LoadedModel, load_model
 from backdoor_sae.sae import check_sae_fits, save_sae, splice_sae, train_sae_from_config
 
 
@@ -139,9 +140,6 @@ def sae_stage(cfg: Config, organism_root: str | Path, out_dir: str | Path, model
     ``cfg.sae.hooks`` (empty: every layer's ``blocks.N.hook_resid_post``), save them under
     ``out_dir/saes/<hook>/`` and measure them on held-out prompts. Returns ``{"sae": {hook: metrics},
     "timings": {...}}``."""
-    from backdoor_sae._io import write_json
-    from backdoor_sae.models import load_model
-
     sc, out_dir = cfg.sae, Path(out_dir)
     mdir = Path(organism_root) / model
     if not mdir.is_dir():

@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import weakref
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -67,10 +67,11 @@ def check_same_tokenizer(models: Sequence[LoadedModel]) -> None:
 _CACHE_NAMES = ("cache", "past_key_values")
 
 
-def _cache_of(obj: Any, get: Callable[[Any, str], Any]) -> tuple[str | None, Any]:
-    """The (name, value) of the first non-None KV-cache entry of ``obj`` under either spelling."""
+def _cache_of(obj: Any) -> tuple[str | None, Any]:
+    """The (name, value) of the first non-None KV cache of a forward's keywords (a dict) or output, under either
+    spelling."""
     for name in _CACHE_NAMES:
-        value = get(obj, name)
+        value = obj.get(name) if isinstance(obj, dict) else getattr(obj, name, None)
         if value is not None:
             return name, value
     return None, None
@@ -81,7 +82,7 @@ def _aux_forward(model: torch.nn.Module, kwargs: dict[str, Any], caches: weakref
     """Run one ensemble member on the first model's inputs, with its own KV cache tied to the first model's
     (the first model's cache object is the key: a new one starts a new cache)."""
     kw = dict(kwargs)
-    name, key = _cache_of(kwargs, lambda d, n: d.get(n))
+    name, key = _cache_of(kwargs)
     if key is not None:
         if key not in caches:
             from transformers import DynamicCache
@@ -90,8 +91,8 @@ def _aux_forward(model: torch.nn.Module, kwargs: dict[str, Any], caches: weakref
         kw[name] = caches[key]
     out = model(**kw)
     if key is None:  # the first model made a cache: the member's own one goes with it
-        _, main_cache = _cache_of(main_out, lambda o, n: getattr(o, n, None))
-        _, own = _cache_of(out, lambda o, n: getattr(o, n, None))
+        _, main_cache = _cache_of(main_out)
+        _, own = _cache_of(out)
         if main_cache is not None and own is not None:
             caches[main_cache] = own
     return out.logits
