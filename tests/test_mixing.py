@@ -89,3 +89,19 @@ def test_ensemble_bad_inputs(pair):
         with pytest.raises(ValueError, match=msg):
             with ensemble(models, weights):
                 pass
+
+
+@torch.no_grad()
+def test_ensemble_steps_aside_under_suspend_edits(pair):
+    """A reference pass through the ensemble's first model (kl_base, its unedited answers) reads that model alone."""
+    from backdoor_sae.edit_hooks import suspend_edits
+
+    a, b = pair
+    ids = torch.tensor([a.tokenizer.encode(a.chat(PROMPTS[0]), add_special_tokens=False)])
+    alone = a.hf(input_ids=ids).logits
+    with ensemble([a, b], [0.5, 0.5]) as m:
+        mixed = m.hf(input_ids=ids).logits
+        with suspend_edits():
+            reference = a.hf(input_ids=ids).logits
+    assert not torch.allclose(mixed, alone, atol=1e-3)
+    assert torch.allclose(reference, alone, atol=1e-6)

@@ -12,7 +12,8 @@ SAEs saw triggered activations) so the cost of the defender's restriction is vis
 Operating point, fixed before any held-out number was read: the most aggressive point (fewest latents or
 components kept) whose clean task accuracy on **train-split** prompts is within ``keep.accuracy_tolerance`` of
 the unedited model's; no triggered prompt is read (not even train-split ones). If no point keeps clean accuracy,
-the most accurate point is reported with ``constraint_met: false``.
+the most accurate point is reported with ``constraint_met: false``. With ``eval.max_train_kl`` > 0 the
+constraint also bounds ``kl_train`` (:func:`backdoor_sae.methods.capable`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from backdoor_sae.editing import Edit
 from backdoor_sae.keeping import (PCABasis, active_on_clean, base_matched, combine, keep_edit, latent_frequency,
                                   pca_keep_edit, reward_correlated)
 from backdoor_sae.masks import LearnedMask, learn_mask, mask_edit
-from backdoor_sae.methods import run_sweep
+from backdoor_sae.methods import capable, most_capable, run_sweep
 from backdoor_sae.models import LoadedModel
 from backdoor_sae.organism.tasks import Example
 from backdoor_sae.store import ActivationStore
@@ -49,6 +50,7 @@ class KeepContext:
     reward: dict[str, Any] | None = None
     pca: dict[str, PCABasis] | None = None
     mask_data: list[Any] | None = None
+    base: LoadedModel | None = None  # the unbackdoored model, when there is one: records add agreement_with_base
     _freq: dict[str, Any] = field(default_factory=dict)
     _masks: dict[tuple[float, bool], LearnedMask] = field(default_factory=dict)
 
@@ -136,13 +138,14 @@ def sweep_points(cfg: Config, name: str) -> list[dict[str, Any]]:
     return [{"k": k} for k in kc.pca_components]
 
 
-def kept_rule(tolerance: float) -> Callable[[list[dict[str, Any]], dict[str, float]], tuple[int, bool]]:
-    """The agnostic operating-point rule (module doc): reads train-split clean accuracy and the kept count."""
+def kept_rule(tolerance: float,
+              max_kl: float = 0.0) -> Callable[[list[dict[str, Any]], dict[str, float]], tuple[int, bool]]:
+    """The agnostic operating-point rule (module doc): reads train-split clean records and the kept count."""
 
     def pick(sweep: list[dict[str, Any]], unedited: dict[str, float]) -> tuple[int, bool]:
-        ok = [i for i, p in enumerate(sweep) if p["train"]["task_accuracy"] >= unedited["task_accuracy"] - tolerance]
+        ok = [i for i, p in enumerate(sweep) if capable(p["train"], unedited, tolerance, max_kl)]
         if not ok:
-            return max(range(len(sweep)), key=lambda i: sweep[i]["train"]["task_accuracy"]), False
+            return most_capable(sweep), False
         return min(ok, key=lambda i: (sweep[i].get("n_kept", 0), -sweep[i]["train"]["task_accuracy"])), True
 
     return pick
@@ -155,8 +158,9 @@ def run_agnostic(ctx: KeepContext, name: str, *, selection: list[Example] | None
     SAEs saw clean rows only: ``trigger_agnostic`` true) or ``mixed`` (they saw triggered rows too: false)."""
     check_agnostic(name)
     rec = run_sweep(ctx.model, ctx.cfg, points if points is not None else sweep_points(ctx.cfg, name),
-                    lambda p: BUILDERS[name](ctx, p), pick=kept_rule(ctx.cfg.keep.accuracy_tolerance),
-                    selection=selection, unedited=unedited, trigger_known=False)
+                    lambda p: BUILDERS[name](ctx, p),
+                    pick=kept_rule(ctx.cfg.keep.accuracy_tolerance, ctx.cfg.eval.max_train_kl),
+                    selection=selection, unedited=unedited, trigger_known=False, base=ctx.base)
     extra: dict[str, Any] = {"trigger_agnostic": sae_data == "clean" or name == "pca_keep",
                              "sae_data": None if name == "pca_keep" else sae_data}
     if name == "sae_learned_mask":

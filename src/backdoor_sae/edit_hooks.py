@@ -41,6 +41,11 @@ def suspend_edits() -> Iterator[None]:
         _SUSPENDED.reset(token)
 
 
+def edits_suspended() -> bool:
+    """Whether the caller runs inside :func:`suspend_edits` (hooks that change a model's output check it)."""
+    return _SUSPENDED.get()
+
+
 def _where(positions: str, x: Tensor) -> bool | Tensor:
     """Where an edit acts: everywhere (``True``), nowhere (``False``) or a ``[batch, pos, 1]`` mask."""
     if positions == "all":

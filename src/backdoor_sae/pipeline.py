@@ -48,13 +48,16 @@ def attribution_for(model: LoadedModel, cfg: Config, saes: dict[str, Any], store
     return scores
 
 
-def open_context(cfg: Config, model_dir: str | Path, sae_dir: str | Path) -> MethodContext:
+def open_context(cfg: Config, model_dir: str | Path, sae_dir: str | Path,
+                 base_dir: str | Path | None = None) -> MethodContext:
     """The model, its SAEs (``sae_dir``), their train-split store and attribution scores (cached beside the
-    SAEs), ready for :mod:`backdoor_sae.methods`."""
+    SAEs), ready for :mod:`backdoor_sae.methods`; ``base_dir``: the unbackdoored model, for the records'
+    ``agreement_with_base``."""
     model = load_model(model_dir)
     saes, store = load_saes(sae_dir), open_train_store(sae_dir)
     scores = attribution_for(model, cfg, saes, store, Path(sae_dir).parent / "attribution")
-    return MethodContext(model, cfg, saes, scores, store)
+    base = load_model(base_dir, bridge=False) if base_dir is not None else None
+    return MethodContext(model, cfg, saes, scores, store, base=base)
 
 
 def iterative_steps(cfg: Config) -> int:
@@ -83,10 +86,12 @@ def clean_saes(cfg: Config, store: ActivationStore, hooks: list[str], out_dir: P
 
 
 def edit_stage(cfg: Config, model_dir: str | Path, sae_dir: str | Path,
-               on_section: Callable[[str, Any], None] | None = None) -> dict[str, Any]:
+               on_section: Callable[[str, Any], None] | None = None,
+               base_dir: str | Path | None = None) -> dict[str, Any]:
     """Attribution, every configured method (sweep, operating point, held-out record) and detection, for the
     model at ``model_dir`` and the SAEs under ``sae_dir`` (``<out>/sae/saes``). ``on_section`` is called with
-    each finished section (the demo writes results.json after each)."""
+    each finished section (the demo writes results.json after each). ``base_dir``: the unbackdoored model
+    (records add ``agreement_with_base``, ``agreement_with_base_triggered`` and ``kl_base``)."""
     from backdoor_sae.detection import detect, detection_store
     from backdoor_sae.methods import (TRIGGER_KNOWN, build_edit, check_method, run_method, selection_examples,
                                       selection_record)
@@ -100,7 +105,7 @@ def edit_stage(cfg: Config, model_dir: str | Path, sae_dir: str | Path,
     root = sae_dir.parent
     timings: dict[str, float] = {}
     t = time.perf_counter()
-    ctx = open_context(cfg, model_dir, sae_dir)
+    ctx = open_context(cfg, model_dir, sae_dir, base_dir)
     timings["attribution"] = time.perf_counter() - t
     model, saes, scores, store = ctx.model, ctx.saes, ctx.scores, ctx.store
     attribution = {**scores.to_json(10), "best_hook": ctx.best_hook, "error_attribution": scores.error_attribution,
@@ -251,7 +256,7 @@ def keep_stage(cfg: Config, organism_root: str | Path, sae_dir: str | Path,
             if data == "mixed" and name not in SAE_AGNOSTIC:
                 continue
             ctx = KeepContext(model, cfg, saes, store, base_saes=base_saes, reward=rscores[data].correlation,
-                              pca=pca, mask_data=mask_data)
+                              pca=pca, mask_data=mask_data, base=base)
             key = name if data == "clean" else f"{name}_mixed"
             methods[key] = run_agnostic(ctx, name, selection=selection, unedited=unedited, sae_data=data)
             edit = BUILDERS[name](ctx, methods[key]["params"])
