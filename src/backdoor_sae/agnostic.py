@@ -26,7 +26,7 @@ from backdoor_sae.editing import Edit
 from backdoor_sae.keeping import (PCABasis, active_on_clean, base_matched, combine, keep_edit, latent_frequency,
                                   pca_keep_edit, reward_correlated)
 from backdoor_sae.masks import LearnedMask, learn_mask, mask_edit
-from backdoor_sae.methods import capable, most_capable, run_sweep
+from backdoor_sae.methods import pick_capable, run_sweep
 from backdoor_sae.models import LoadedModel
 from backdoor_sae.organism.tasks import Example
 from backdoor_sae.store import ActivationStore
@@ -143,10 +143,8 @@ def kept_rule(tolerance: float,
     """The agnostic operating-point rule (module doc): reads train-split clean records and the kept count."""
 
     def pick(sweep: list[dict[str, Any]], unedited: dict[str, float]) -> tuple[int, bool]:
-        ok = [i for i, p in enumerate(sweep) if capable(p["train"], unedited, tolerance, max_kl)]
-        if not ok:
-            return most_capable(sweep), False
-        return min(ok, key=lambda i: (sweep[i].get("n_kept", 0), -sweep[i]["train"]["task_accuracy"])), True
+        return pick_capable(sweep, unedited, tolerance, max_kl, lambda ok: min(
+            ok, key=lambda i: (sweep[i].get("n_kept", 0), -sweep[i]["train"]["task_accuracy"])))
 
     return pick
 

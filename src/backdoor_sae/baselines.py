@@ -20,7 +20,7 @@ from typing import Any, Callable
 from backdoor_sae.config import Config
 from backdoor_sae.evaluate import evaluate
 from backdoor_sae.finetune import RETURN_HIGH, RETURN_LOW, STYLES, curve_summary, sft, sft_rows, unpirate
-from backdoor_sae.methods import BASE_KEYS, RECORD_KEYS, capable, most_capable, selection_examples, selection_record
+from backdoor_sae.methods import BASE_KEYS, RECORD_KEYS, pick_capable, selection_examples, selection_record
 from backdoor_sae.mixing import ensemble, interpolate
 from backdoor_sae.models import LoadedModel, load_model
 from backdoor_sae.organism.tasks import Example
@@ -54,10 +54,7 @@ def _strength(p: dict[str, Any]) -> tuple[float, ...]:
 def choose_furthest(points: list[dict[str, Any]], unedited: dict[str, float], tolerance: float,
                     max_kl: float = 0.0) -> tuple[int, bool]:
     """The rule (module doc); reads train-split clean records only."""
-    ok = [i for i, p in enumerate(points) if capable(p["train"], unedited, tolerance, max_kl)]
-    if not ok:
-        return most_capable(points), False
-    return max(ok, key=lambda i: _strength(points[i])), True
+    return pick_capable(points, unedited, tolerance, max_kl, lambda ok: max(ok, key=lambda i: _strength(points[i])))
 
 
 def method_lrs(cfg: Config, name: str) -> tuple[float, ...]:

@@ -160,8 +160,8 @@ def clean_ce(model: LoadedModel, examples: Sequence[Example], batch_size: int = 
 
 
 def unedited_completions(base: LoadedModel, prompts: Sequence[str], **kw: Any) -> list[str]:
-    """``base``'s greedy completions of clean ``prompts`` with every edit suspended (computed once per loaded
-    model and settings)."""
+    """``base``'s greedy completions of ``prompts`` (``kw`` as :func:`generate`'s, e.g. a trigger) with every edit
+    suspended, computed once per loaded model and settings."""
     from backdoor_sae.edit_hooks import suspend_edits
 
     key = ("clean_completions", tuple(prompts), tuple(sorted(kw.items())))

