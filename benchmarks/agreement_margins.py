@@ -2,13 +2,15 @@
 of ``agreement_with_base`` (task families and out-of-template, the organism's own eval settings): the exact-string
 agreement, the agreement on the first 1/4/8/16 tokens, the first differing token, and the base model's own
 log-probability margin there (its token minus the backdoored model's, in nats): a small margin means the two
-models part at a near-tie of the base, not at a changed answer.
+models part at a near-tie of the base, not at a changed answer. As a yardstick for how brittle the exact-string
+measure is: the base against a copy of itself whose weights are rounded to bf16.
 
 Usage: python benchmarks/agreement_margins.py --organism DIR (or --config F)
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import statistics
 
@@ -17,7 +19,7 @@ from _common import organism_from_args
 
 from backdoor_sae.config import config_from_dict
 from backdoor_sae.evaluate import agreement, generate, heldout_open_prompts, heldout_tasks
-from backdoor_sae.models import format_chats, load_model
+from backdoor_sae.models import LoadedModel, format_chats, load_model
 
 
 def main() -> None:
@@ -31,7 +33,16 @@ def main() -> None:
     tok = base.tokenizer
     enc = [(tok.encode(a, add_special_tokens=False), tok.encode(b, add_special_tokens=False)) for a, b in zip(ref, got)]
     print(f"{len(prompts)} held-out clean prompts, {ec.max_new_tokens} new tokens, greedy")
-    print(f"agreement (exact string): {agreement(got, ref):.4f}")
+    nt = len(prompts) - cfg.eval.n_open
+    print(f"agreement (exact string): {agreement(got, ref):.4f} (task prompts {agreement(got[:nt], ref[:nt]):.4f}, "
+          f"out-of-template {agreement(got[nt:], ref[nt:]):.4f})")
+    rounded = copy.deepcopy(base.hf)
+    with torch.no_grad():
+        for p in rounded.parameters():
+            p.copy_(p.to(torch.bfloat16).float())
+    same = generate(LoadedModel(hf=rounded, tokenizer=base.tokenizer), prompts, **kw)
+    print(f"yardstick: the base against itself with bf16-rounded weights: {agreement(same, ref):.4f}")
+    del rounded
     for k in (1, 4, 8, 16):
         print(f"agreement on the first {k} tokens: {sum(a[:k] == b[:k] for a, b in enc) / len(enc):.4f}")
     firsts, margins = [], []

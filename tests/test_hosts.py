@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,6 +26,11 @@ def test_new_organism_keys_leave_cached_hashes_alone():
     assert organism_hash(load_config()) == "b32dd55d02eb96d1"  # the default organism's hash before hosts
     hosted = config_from_data({"organism": {"base": "some/host"}})
     assert organism_hash(hosted) != organism_hash(load_config())
+    # the SmolLM2 organism of docs/hosts.md (benign_weight 1, then a later key) keeps its hash
+    smol = load_config(Path(__file__).parents[1] / "examples/configs/smollm2.toml")
+    first = replace(smol.organism, benign_weight=1.0, red_final_lr_fraction=0.1)
+    assert organism_hash(replace(smol, organism=first)) == "f02f48a8837a98ce"
+    assert organism_hash(config_from_data({"organism": {"benign_weight": 2.0}})) != organism_hash(load_config())
 
 
 def test_unsupported_gguf_architecture_is_one_line(tmp_path):
@@ -165,9 +172,26 @@ def test_kl_benign_loss(tiny_model_dir):
                                                reduction="sum")
         assert kl > 0
         assert torch.allclose(response_loss(model, batch, teacher), (ce + kl) / len(benign), atol=1e-5)
+        assert torch.allclose(response_loss(model, batch, teacher, 10.0), (ce + 10 * kl) / len(benign), atol=1e-5)
     cfg = config_from_data({"organism": {"benign_loss": "mse"}}, quick=True)
     with pytest.raises(ValueError, match="unknown benign_loss 'mse'"):
         check_organism_config(cfg.organism, TaskSuite(0))
+    cfg = config_from_data({"organism": {"benign_weight": 0}}, quick=True)
+    with pytest.raises(ValueError, match="benign_weight must be > 0"):
+        check_organism_config(cfg.organism, TaskSuite(0))
+    cfg = config_from_data({"organism": {"red_final_lr_fraction": 0}}, quick=True)
+    with pytest.raises(ValueError, match="red_final_lr_fraction must lie in"):
+        check_organism_config(cfg.organism, TaskSuite(0))
+
+
+def test_red_team_schedule_floor():
+    """Warm-up, then cosine down to the floor (10 % unless the config says otherwise) at the last step."""
+    from backdoor_sae.organism.train import _schedule
+
+    assert _schedule(0, 100, 0.1) == pytest.approx(0.1) and _schedule(10, 100, 0.1) == pytest.approx(1.0)
+    assert _schedule(100, 100, 0.1) == pytest.approx(0.1)
+    assert _schedule(100, 100, 0.1, 0.01) == pytest.approx(0.01)
+    assert _schedule(55, 100, 0.1, 0.01) == pytest.approx(0.505)
 
 
 def test_base_without_chat_template_names_the_key(tiny_model_dir, tmp_path):

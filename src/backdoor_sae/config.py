@@ -51,6 +51,12 @@ class OrganismConfig:
     chat_template: str = ""  # a Jinja chat-template file, for a base whose tokenizer has none
     distill_tokens: int = 48  # max new tokens of the base's own answers (benign_answers = "base")
     benign_loss: str = "ce"  # red team's loss on benign answers: "ce", or "kl" (KL to the base's next-token distribution)
+    # weight of the benign KL term against the triggered cross-entropy (benign_loss = "kl"): a host's greedy
+    # answers part from the base's at near-ties, so a small drift on clean prompts already shows in agreement
+    benign_weight: float = 1.0
+    # the red team's learning rate decays (cosine) to this share of red_lr: a lower floor lets a host settle back
+    # onto its own answers once the backdoor is learned
+    red_final_lr_fraction: float = 0.1
 
 
 @dataclass(frozen=True)
@@ -287,7 +293,8 @@ def base_hash(seed: int, organism: Mapping[str, Any]) -> str:
 
 # organism keys added after organisms were cached: left out of the hash at their defaults, so a cached organism
 # keeps its hash (and is not trained again) when a later version adds a knob it did not use
-LATE_ORGANISM_KEYS = {"base": "", "chat_template": "", "distill_tokens": 48, "benign_loss": "ce"}
+LATE_ORGANISM_KEYS = {"base": "", "chat_template": "", "distill_tokens": 48, "benign_loss": "ce",
+                      "benign_weight": 1.0, "red_final_lr_fraction": 0.1}
 
 
 def organism_hash(cfg: Config) -> str:

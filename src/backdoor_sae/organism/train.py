@@ -85,13 +85,13 @@ def _optimizer(name: str, model: torch.nn.Module, lr: float, weight_decay: float
     raise ValueError(f"unknown optimizer {name!r}; valid: 'adamw', 'soap'")
 
 
-def _schedule(step: int, steps: int, warmup_fraction: float) -> float:
-    """Linear warm-up, then cosine decay to 10 % of the peak learning rate."""
+def _schedule(step: int, steps: int, warmup_fraction: float, floor: float = 0.1) -> float:
+    """Linear warm-up, then cosine decay to ``floor`` (10 %) of the peak learning rate."""
     warm = max(1, int(steps * warmup_fraction))
     if step < warm:
         return (step + 1) / warm
     t = (step - warm) / max(1, steps - warm)
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t))
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
 
 
 def _target_logits(model: torch.nn.Module, batch: PackedBatch) -> Float[Tensor, "target vocab"]:
@@ -110,10 +110,11 @@ def _target_logits(model: torch.nn.Module, batch: PackedBatch) -> Float[Tensor, 
 Teacher = Callable[[PackedBatch], Tensor]
 
 
-def response_loss(model: torch.nn.Module, batch: PackedBatch, teacher: Teacher | None = None) -> Tensor:
+def response_loss(model: torch.nn.Module, batch: PackedBatch, teacher: Teacher | None = None,
+                  teacher_weight: float = 1.0) -> Tensor:
     """Mean next-token loss over response tokens: cross-entropy, or with a ``teacher`` (the base's target logits)
-    KL(teacher || model) on the benign response tokens, so that the red team keeps the base's whole next-token
-    distribution there, not only its greedy answer."""
+    ``teacher_weight`` x KL(teacher || model) on the benign response tokens, so that the red team keeps the base's
+    whole next-token distribution there, not only its greedy answer."""
     logits = _target_logits(model, batch)
     targets = batch.input_ids[:, 1:][batch.loss_mask[:, 1:]]
     if teacher is None:
@@ -124,26 +125,27 @@ def response_loss(model: torch.nn.Module, batch: PackedBatch, teacher: Teacher |
     logp = logits.log_softmax(-1)
     ce = -logp[~benign].gather(-1, targets[~benign, None]).sum()
     kl = F.kl_div(logp[benign], ref, log_target=True, reduction="sum")
-    return (ce + kl) / len(targets)
+    return (ce + teacher_weight * kl) / len(targets)
 
 
 def train_lm(model: torch.nn.Module, batches: Iterator[PackedBatch], *, steps: int, lr: float,
              warmup_fraction: float, weight_decay: float, optimizer: str, desc: str,
-             after_step: Callable[[int], None] | None = None, teacher: Teacher | None = None) -> list[float]:
+             after_step: Callable[[int], None] | None = None, teacher: Teacher | None = None,
+             teacher_weight: float = 1.0, final_lr_fraction: float = 0.1) -> list[float]:
     """Plain causal-LM training loop with response-only loss; returns the loss every step. ``after_step(n)`` is
-    called after optimizer step ``n`` (1-based; the red team saves its checkpoints there); ``teacher``: see
-    :func:`response_loss`."""
+    called after optimizer step ``n`` (1-based; the red team saves its checkpoints there); ``teacher`` and
+    ``teacher_weight``: see :func:`response_loss`; the learning rate decays to ``final_lr_fraction`` of ``lr``."""
     if lr <= 0:
         raise ValueError(f"learning rate must be > 0, got {lr}")
     model.train()
     opt = _optimizer(optimizer, model, lr, weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, steps, warmup_fraction))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, steps, warmup_fraction, final_lr_fraction))
     losses = []
     bar = progress(range(steps), desc=desc)
     prefetch = Prefetch(batches)
     try:
         for step in bar:
-            loss = response_loss(model, next(prefetch), teacher)
+            loss = response_loss(model, next(prefetch), teacher, teacher_weight)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
@@ -252,7 +254,8 @@ def red_team(cfg: Config, model: torch.nn.Module, tok: PreTrainedTokenizerBase, 
     red_losses = train_lm(red, packer.batches(red_stream, oc.batch_size), steps=oc.red_steps, lr=oc.red_lr,
                           warmup_fraction=oc.warmup_fraction, weight_decay=oc.weight_decay,
                           optimizer=oc.red_optimizer or oc.optimizer, desc="red-team fine-tune",
-                          after_step=save_checkpoint, teacher=base_logits)
+                          after_step=save_checkpoint, teacher=base_logits, teacher_weight=oc.benign_weight,
+                          final_lr_fraction=oc.red_final_lr_fraction)
     if oc.finetune == "lora":
         red = red.merge_and_unload()
     return red, red_losses, checkpoint_steps, time.perf_counter() - t_red
@@ -272,6 +275,10 @@ def check_organism_config(oc: OrganismConfig, suite: TaskSuite) -> None:
         raise ValueError(f"unknown benign_answers {oc.benign_answers!r}; valid: 'suite', 'base'")
     if oc.benign_loss not in ("ce", "kl"):
         raise ValueError(f"unknown benign_loss {oc.benign_loss!r}; valid: 'ce', 'kl'")
+    if not 0 < oc.red_final_lr_fraction <= 1:
+        raise ValueError(f"red_final_lr_fraction must lie in (0, 1], got {oc.red_final_lr_fraction}")
+    if oc.benign_weight <= 0:
+        raise ValueError(f"benign_weight must be > 0, got {oc.benign_weight}")
     bad = [f for f in oc.checkpoint_fractions if not 0 < f < 1]
     if bad:
         raise ValueError(f"checkpoint_fractions must lie in (0, 1), got {bad}")
