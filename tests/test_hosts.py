@@ -26,9 +26,9 @@ def test_new_organism_keys_leave_cached_hashes_alone():
     assert organism_hash(load_config()) == "b32dd55d02eb96d1"  # the default organism's hash before hosts
     hosted = config_from_data({"organism": {"base": "some/host"}})
     assert organism_hash(hosted) != organism_hash(load_config())
-    # the SmolLM2 organism of docs/hosts.md (benign_weight 1, then a later key) keeps its hash
+    # the first SmolLM2 organism of docs/hosts.md (150 steps, made before the two later keys) keeps its hash
     smol = load_config(Path(__file__).parents[1] / "examples/configs/smollm2.toml")
-    first = replace(smol.organism, benign_weight=1.0, red_final_lr_fraction=0.1)
+    first = replace(smol.organism, benign_weight=1.0, red_final_lr_fraction=0.1, red_steps=150)
     assert organism_hash(replace(smol, organism=first)) == "f02f48a8837a98ce"
     assert organism_hash(config_from_data({"organism": {"benign_weight": 2.0}})) != organism_hash(load_config())
 
