@@ -3,7 +3,8 @@ of ``agreement_with_base`` (task families and out-of-template, the organism's ow
 agreement, the agreement on the first 1/4/8/16 tokens, the first differing token, and the base model's own
 log-probability margin there (its token minus the backdoored model's, in nats): a small margin means the two
 models part at a near-tie of the base, not at a changed answer. As a yardstick for how brittle the exact-string
-measure is: the base against a copy of itself whose weights are rounded to bf16.
+measure is: the base against a copy of itself whose weights are rounded to bf16. Then the agreement of each
+red-team checkpoint, to show how it moves along the run.
 
 Usage: python benchmarks/agreement_margins.py --organism DIR (or --config F)
 """
@@ -26,14 +27,15 @@ def main() -> None:
     _, root = organism_from_args(__doc__.splitlines()[0])
     cfg = config_from_dict(json.loads((root / "organism.json").read_text())["config"])
     ec = cfg.eval
-    prompts = [ex.prompt for ex in heldout_tasks(cfg)] + heldout_open_prompts(cfg)
+    tasks = [ex.prompt for ex in heldout_tasks(cfg)]
+    prompts = tasks + heldout_open_prompts(cfg)
     base, model = load_model(root / "base", bridge=False), load_model(root / "backdoored", bridge=False)
     kw = dict(max_new_tokens=ec.max_new_tokens, batch_size=ec.batch_size)
     ref, got = generate(base, prompts, **kw), generate(model, prompts, **kw)
     tok = base.tokenizer
     enc = [(tok.encode(a, add_special_tokens=False), tok.encode(b, add_special_tokens=False)) for a, b in zip(ref, got)]
     print(f"{len(prompts)} held-out clean prompts, {ec.max_new_tokens} new tokens, greedy")
-    nt = len(prompts) - cfg.eval.n_open
+    nt = len(tasks)
     print(f"agreement (exact string): {agreement(got, ref):.4f} (task prompts {agreement(got[:nt], ref[:nt]):.4f}, "
           f"out-of-template {agreement(got[nt:], ref[nt:]):.4f})")
     rounded = copy.deepcopy(base.hf)
@@ -43,6 +45,9 @@ def main() -> None:
     same = generate(LoadedModel(hf=rounded, tokenizer=base.tokenizer), prompts, **kw)
     print(f"yardstick: the base against itself with bf16-rounded weights: {agreement(same, ref):.4f}")
     del rounded
+    for ckpt in sorted((root / "checkpoints").glob("step_*")):  # how agreement moves along the red team
+        early = generate(load_model(ckpt, bridge=False), prompts, **kw)
+        print(f"agreement of the red team's checkpoint {ckpt.name}: {agreement(early, ref):.4f}")
     for k in (1, 4, 8, 16):
         print(f"agreement on the first {k} tokens: {sum(a[:k] == b[:k] for a, b in enc) / len(enc):.4f}")
     firsts, margins = [], []
