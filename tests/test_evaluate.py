@@ -78,3 +78,23 @@ def test_evaluation_stops_only_where_no_verdict_can_change(quick_organism):
     for f, c in zip(full, cut):  # a stopped row ends with the text and is a prefix of the full completion
         assert c == f or (c.endswith(m.backdoor_text) and f.startswith(c))
     assert [c == ex.answer for c, ex in zip(cut, exs)] == [f == ex.answer for f, ex in zip(full, exs)]
+
+
+def test_bridge_loaded_model_generates_as_plain_one(quick_organism):
+    """The keep stage's bridge-loaded base shares the demo's plain base's memoised completions: the two must
+    generate the same text and give the same records as a base."""
+    from backdoor_sae.config import load_config
+    from backdoor_sae.evaluate import evaluate, heldout_open_prompts
+
+    _, root, _ = quick_organism
+    plain, bridged = load_model(root / "base", bridge=False), load_model(root / "base")
+    assert bridged.bridge is not None
+    prompts = heldout_open_prompts(load_config(None, quick=True))[:16]
+    assert generate(bridged, prompts) == generate(plain, prompts)
+    cfg = load_config(None, quick=True)
+    model = load_model(root / "backdoored", bridge=False)
+    first = evaluate(model, cfg, base=bridged)
+    assert any(k[0] == "clean_completions" for k in bridged.memo)
+    again = evaluate(model, cfg, base=plain)
+    first.pop("seconds"), again.pop("seconds")
+    assert first == again and 0 < first["agreement_with_base"] <= 1

@@ -209,9 +209,11 @@ def findings(methods: dict[str, Any], depirated: dict[str, Any], checkpoints: di
 
 
 def blue_stage(cfg: Config, organism_root: str | Path,
-               on_section: Callable[[str, Any], None] | None = None) -> dict[str, Any]:
+               on_section: Callable[[str, Any], None] | None = None,
+               base: LoadedModel | None = None) -> dict[str, Any]:
     """Every baseline of ``cfg.blue.methods`` (empty: all six) on the organism: ``methods`` records (curves as
-    sweeps), the ``blue`` section (SFT data, curves, de-pirating, findings) and timings."""
+    sweeps), the ``blue`` section (SFT data, curves, de-pirating, findings) and timings. ``base``: the organism's
+    base already loaded (else it is loaded from ``organism_root/base``)."""
     names = list(cfg.blue.methods or BASELINES)
     for name in names:
         check_baseline(name)
@@ -219,7 +221,9 @@ def blue_stage(cfg: Config, organism_root: str | Path,
         check_finetune(name, "blue.checkpoint_methods")
     root = Path(organism_root)
     timings: dict[str, float] = {}
-    backdoored, base = load_model(root / "backdoored", bridge=False), load_model(root / "base", bridge=False)
+    backdoored = load_model(root / "backdoored", bridge=False)
+    if base is None:
+        base = load_model(root / "base", bridge=False)
     selection = selection_examples(cfg)
     record = Recorder(cfg, backdoored, selection, base=base)
     t = time.perf_counter()

@@ -64,7 +64,7 @@ def run_demo(cfg: Config, out: str | Path, cache: Path | None = None) -> dict[st
         "n_params": meta["n_params"], "steps": meta["steps"],
     }
     write_json(out / "results.json", results)
-    base_model = load_model(root / "base", bridge=False)
+    base_model = load_model(root / "base", bridge=False)  # one base, and its memoised completions, for every stage
     t = time.perf_counter()  # the backdoored record also against the base: agreement_with_base, kl_base
     results["before"] = evaluate(load_model(root / "backdoored", bridge=False), cfg, base=base_model)
     timings["eval_backdoored"] = round(time.perf_counter() - t, 2)
@@ -72,7 +72,6 @@ def run_demo(cfg: Config, out: str | Path, cache: Path | None = None) -> dict[st
     results["base"] = evaluate(base_model, cfg)
     timings["eval_base"] = round(time.perf_counter() - t, 2)
     write_json(out / "results.json", results)
-    del base_model
 
     from backdoor_sae.fidelity import sae_stage
 
@@ -98,17 +97,17 @@ def run_demo(cfg: Config, out: str | Path, cache: Path | None = None) -> dict[st
 
         return emit
 
-    edits = edit_stage(cfg, root / "backdoored", out / "sae" / "saes", on_section=section, base_dir=root / "base")
+    edits = edit_stage(cfg, root / "backdoored", out / "sae" / "saes", on_section=section, base=base_model)
     timings.update(edits["timings"])
 
     from backdoor_sae.pipeline import keep_stage
 
-    kept = keep_stage(cfg, root, out / "sae" / "saes", on_section=more_methods("methods_agnostic"))
+    kept = keep_stage(cfg, root, out / "sae" / "saes", on_section=more_methods("methods_agnostic"), base=base_model)
     timings.update(kept["timings"])
 
     from backdoor_sae.baselines import blue_stage
 
-    blue = blue_stage(cfg, root, on_section=more_methods("methods_blue"))
+    blue = blue_stage(cfg, root, on_section=more_methods("methods_blue"), base=base_model)
     timings.update({f"blue_{k}": v for k, v in blue["timings"].items()})
     t = time.perf_counter()
     results["features"] = _feature_section(out / "sae", kept["keep"])

@@ -49,14 +49,15 @@ def attribution_for(model: LoadedModel, cfg: Config, saes: dict[str, Any], store
 
 
 def open_context(cfg: Config, model_dir: str | Path, sae_dir: str | Path,
-                 base_dir: str | Path | None = None) -> MethodContext:
+                 base_dir: str | Path | None = None, base: LoadedModel | None = None) -> MethodContext:
     """The model, its SAEs (``sae_dir``), their train-split store and attribution scores (cached beside the
     SAEs), ready for :mod:`backdoor_sae.methods`; ``base_dir``: the unbackdoored model, for the records'
-    ``agreement_with_base``."""
+    ``agreement_with_base`` (or ``base``, that model already loaded: its memoised completions are reused)."""
     model = load_model(model_dir)
     saes, store = load_saes(sae_dir), open_train_store(sae_dir)
     scores = attribution_for(model, cfg, saes, store, Path(sae_dir).parent / "attribution")
-    base = load_model(base_dir, bridge=False) if base_dir is not None else None
+    if base is None and base_dir is not None:
+        base = load_model(base_dir, bridge=False)
     return MethodContext(model, cfg, saes, scores, store, base=base)
 
 
@@ -87,11 +88,12 @@ def clean_saes(cfg: Config, store: ActivationStore, hooks: list[str], out_dir: P
 
 def edit_stage(cfg: Config, model_dir: str | Path, sae_dir: str | Path,
                on_section: Callable[[str, Any], None] | None = None,
-               base_dir: str | Path | None = None) -> dict[str, Any]:
+               base_dir: str | Path | None = None, base: LoadedModel | None = None) -> dict[str, Any]:
     """Attribution, every configured method (sweep, operating point, held-out record) and detection, for the
     model at ``model_dir`` and the SAEs under ``sae_dir`` (``<out>/sae/saes``). ``on_section`` is called with
     each finished section (the demo writes results.json after each). ``base_dir``: the unbackdoored model
-    (records add ``agreement_with_base``, ``agreement_with_base_triggered`` and ``kl_base``)."""
+    (records add ``agreement_with_base``, ``agreement_with_base_triggered`` and ``kl_base``); ``base``: that
+    model already loaded (the demo shares one across its stages, so its completions are generated once)."""
     from backdoor_sae.detection import detect, detection_store
     from backdoor_sae.methods import (TRIGGER_KNOWN, build_edit, check_method, run_method, selection_examples,
                                       selection_record)
@@ -105,7 +107,7 @@ def edit_stage(cfg: Config, model_dir: str | Path, sae_dir: str | Path,
     root = sae_dir.parent
     timings: dict[str, float] = {}
     t = time.perf_counter()
-    ctx = open_context(cfg, model_dir, sae_dir, base_dir)
+    ctx = open_context(cfg, model_dir, sae_dir, base_dir, base)
     timings["attribution"] = time.perf_counter() - t
     model, saes, scores, store = ctx.model, ctx.saes, ctx.scores, ctx.store
     attribution = {**scores.to_json(10), "best_hook": ctx.best_hook, "error_attribution": scores.error_attribution,
@@ -196,11 +198,14 @@ def reward_stage(cfg: Config, organism_root: Path, out_dir: Path, backdoor_text:
 
 
 def keep_stage(cfg: Config, organism_root: str | Path, sae_dir: str | Path,
-               on_section: Callable[[str, Any], None] | None = None) -> dict[str, Any]:
+               on_section: Callable[[str, Any], None] | None = None,
+               base: LoadedModel | None = None) -> dict[str, Any]:
     """Reward model, reward attribution, base-model SAEs, clean PCA, learned masks and every trigger-agnostic
     method (sweep + operating point), with the clean-only SAEs of ``<sae_dir>/../saes_clean`` (trained by
     :func:`edit_stage` for detection) and, beside them, the mixed-data SAEs of ``sae_dir``. Returns the
-    ``reward``, ``keep`` and ``methods`` additions and timings."""
+    ``reward``, ``keep`` and ``methods`` additions and timings. ``base``: the organism's base already loaded: the
+    stage loads its own copy with a bridge (a bridge rewraps the model's modules, which the mixing baselines'
+    state dicts cannot take) and shares ``base``'s memoised completions with it."""
     import random
 
     from backdoor_sae.agnostic import AGNOSTIC, BUILDERS, SAE_AGNOSTIC, KeepContext, check_agnostic, run_agnostic
@@ -236,7 +241,10 @@ def keep_stage(cfg: Config, organism_root: str | Path, sae_dir: str | Path,
     timings["reward_attribution"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    base = load_model(organism_root / "base")
+    bridged = load_model(organism_root / "base")
+    if base is not None:  # the same weights generate the same text (tested): the base's completions are made once
+        bridged.memo = base.memo
+    base = bridged
     bstore, base_saes = base_stage(cfg, base, store, hooks, root)
     pca = {h: pca_basis([store, bstore], h, seed=cfg.seed) for h in hooks}
     seqs = store.sequences(triggered=False)
