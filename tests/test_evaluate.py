@@ -87,14 +87,14 @@ def test_bridge_loaded_model_generates_as_plain_one(quick_organism):
     from backdoor_sae.evaluate import evaluate, heldout_open_prompts
 
     _, root, _ = quick_organism
+    cfg = load_config(None, quick=True)
     plain, bridged = load_model(root / "base", bridge=False), load_model(root / "base")
     assert bridged.bridge is not None
-    prompts = heldout_open_prompts(load_config(None, quick=True))[:16]
+    prompts = heldout_open_prompts(cfg)[:16]
     assert generate(bridged, prompts) == generate(plain, prompts)
-    cfg = load_config(None, quick=True)
     model = load_model(root / "backdoored", bridge=False)
     first = evaluate(model, cfg, base=bridged)
     assert any(k[0] == "clean_completions" for k in bridged.memo)
     again = evaluate(model, cfg, base=plain)
-    first.pop("seconds"), again.pop("seconds")
+    del first["seconds"], again["seconds"]
     assert first == again and 0 < first["agreement_with_base"] <= 1
