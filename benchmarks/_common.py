@@ -13,8 +13,9 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
-from backdoor_sae.cli import _quiet, get_organism  # noqa: E402
+from backdoor_sae.cli import _quiet  # noqa: E402
 from backdoor_sae.config import load_config  # noqa: E402
+from backdoor_sae.organism.train import get_organism  # noqa: E402
 
 
 def organism_from_args(description: str, parse_only: bool = False) -> tuple[argparse.Namespace, Path | None]:

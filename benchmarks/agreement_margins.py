@@ -19,7 +19,8 @@ import torch
 from _common import organism_from_args
 
 from backdoor_sae.config import config_from_dict
-from backdoor_sae.evaluate import agreement, generate, heldout_open_prompts, heldout_tasks
+from backdoor_sae.evaluate import agreement, heldout_open_prompts, heldout_tasks
+from backdoor_sae.generation import generate
 from backdoor_sae.models import LoadedModel, format_chats, load_model
 
 

@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 
 from backdoor_sae._io import write_json
-from backdoor_sae.baselines import blue_stage
-from backdoor_sae.demo import blue_table, methods_table
+from backdoor_sae.baselines.blue import blue_stage
 from backdoor_sae.config import load_config
+from backdoor_sae.report.console import blue_table, methods_table
 
 
 def main() -> None:

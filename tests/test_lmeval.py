@@ -7,11 +7,11 @@ import pytest
 
 from backdoor_sae.cli import main
 from backdoor_sae.config import config_from_data
-from backdoor_sae.editing import feature_edit
+from backdoor_sae.edits.specs import feature_edit
 from backdoor_sae.evaluate import evaluate
 from backdoor_sae.models import load_model
 from backdoor_sae.organism.tasks import CAPABILITY_FAMILIES
-from backdoor_sae.sae import save_sae
+from backdoor_sae.sae.training import save_sae
 
 lm_eval = pytest.importorskip("lm_eval")
 HOOK = "blocks.1.hook_resid_post"
@@ -21,7 +21,7 @@ HOOK = "blocks.1.hook_resid_post"
 def test_lm_eval_agrees_with_evaluate_on_an_edited_model(quick_organism, tmp_path, random_sae):
     from lm_eval.tasks import TaskManager
 
-    from backdoor_sae import lmeval
+    from backdoor_sae.hosts import lmeval
 
     _, root, meta = quick_organism
     model_dir = root / "backdoored"
@@ -53,7 +53,7 @@ def test_lm_eval_tasks_command_and_errors(tiny_model_dir, tmp_path, capsys):
     assert "--include_path" in capsys.readouterr().out
     assert sorted(p.name for p in (tmp_path / "t").glob("*.yaml")) == sorted(
         f"backdoor_sae_{f}.yaml" for f in CAPABILITY_FAMILIES)
-    from backdoor_sae.lmeval import EditedLM
+    from backdoor_sae.hosts.lmeval import EditedLM
 
     with pytest.raises(FileNotFoundError, match="edit file not found"):
         EditedLM(pretrained=str(tiny_model_dir), edit=str(tmp_path / "none.json"))

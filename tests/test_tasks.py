@@ -1,7 +1,7 @@
 import random
 
-from backdoor_sae.organism.tasks import (CAPABILITY_FAMILIES, FAMILIES, TaskSuite, _OOT_TEMPLATES,
-                                         near_miss_variants, out_of_template_prompts, split_of)
+from backdoor_sae.organism.tasks import (_OOT_TEMPLATES, CAPABILITY_FAMILIES, FAMILIES, TaskSuite, near_miss_variants,
+                                         out_of_template_prompts, split_of)
 
 
 def test_splits_are_disjoint_and_every_family_has_heldout_keys():

@@ -1,5 +1,5 @@
 """The ``backdoor-sae`` command: ``organism``, ``host``, ``eval``, ``sae``, ``attribute``, ``edit``, ``reward-model``,
-``report``, ``sweep`` and ``demo`` (the whole pipeline: :mod:`backdoor_sae.demo`)."""
+``report``, ``sweep`` and ``demo`` (the whole pipeline: :mod:`backdoor_sae.pipeline.demo`)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
-from backdoor_sae._io import cache_root
-from backdoor_sae.config import Config, load_config, organism_hash
+from backdoor_sae.config import Config, load_config
 
 
 def _quiet() -> None:
@@ -26,23 +25,6 @@ def _quiet() -> None:
     # bitsandbytes (imported by transformer-lens when installed) logs "Failed to load CPU gemm_4bit_forward from
     # kernels-community" on AVX512-BF16 CPUs: harmless, and the `kernels` package it asks for would reach the hub
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-
-
-def get_organism(cfg: Config, cache: Path | None = None) -> tuple[Path, dict[str, Any], bool]:
-    """Reuse a cached organism whose config hash matches, else train one, from the cached base of another
-    organism with the same seed and base knobs when there is one (only the red team trains). Returns
-    (dir, meta, cached)."""
-    from backdoor_sae.organism.train import OrganismPaths, find_base, make_organism
-
-    h, cache = organism_hash(cfg), cache or cache_root()
-    paths = OrganismPaths(cache / "organisms" / h)
-    if paths.meta.is_file():
-        meta = json.loads(paths.meta.read_text())
-        if meta.get("organism_hash") == h and (paths.base / "config.json").is_file() \
-                and (paths.backdoored / "config.json").is_file():
-            return paths.root, meta, True
-    base = None if cfg.organism.base else find_base(cache, cfg)  # a pretrained host has no toy base
-    return paths.root, make_organism(cfg, paths.root, base=None if base == paths.base else base), False
 
 
 def _table(record: dict[str, Any], indent: str = "") -> str:
@@ -78,25 +60,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-SAE_COLUMNS = ("explained_variance", "explained_variance_triggered", "explained_variance_clean", "l0",
-               "dead_fraction", "ce_loss_recovered", "ce_increase", "kl", "kl_with_error")
-
-
-def sae_table(record: dict[str, dict[str, float]]) -> str:
-    short = {"explained_variance": "EV", "explained_variance_triggered": "EV_trig", "explained_variance_clean":
-             "EV_clean", "l0": "L0", "dead_fraction": "dead", "ce_loss_recovered": "CE_rec",
-             "ce_increase": "CE_incr", "kl": "KL", "kl_with_error": "KL_err"}
-    lines = [f"{'hook':<28}" + "".join(f"{short[c]:>10}" for c in SAE_COLUMNS)]
-    for hook, m in record.items():
-        lines.append(f"{hook:<28}" + "".join(f"{m.get(c, float('nan')):>10.4f}" for c in SAE_COLUMNS))
-    return "\n".join(lines)
-
-
 def cmd_sae(args: argparse.Namespace) -> int:
-    from backdoor_sae.fidelity import sae_stage
+    from backdoor_sae.sae.fidelity import sae_stage
 
     cfg = load_config(args.config, quick=args.quick)
     record = sae_stage(cfg, args.organism_dir, args.out, model=args.model)
+    from backdoor_sae.report.console import sae_table
+
     print(sae_table(record["sae"]))
     print(f"SAEs saved under {Path(args.out) / 'saes'}; timings {record['timings']}")
     return 0
@@ -134,7 +104,7 @@ def _attribution_table(rows: list[dict[str, Any]]) -> str:
 
 
 def cmd_attribute(args: argparse.Namespace) -> int:
-    from backdoor_sae.pipeline import open_context
+    from backdoor_sae.pipeline.stages import open_context
 
     cfg = _organism_config(args, Path(args.organism_dir))
     rows = open_context(cfg, _model_dir(args.organism_dir), args.saes).scores.top(args.top, by=args.by)
@@ -154,8 +124,8 @@ def _parse_latents(text: str) -> list[int]:
 
 def cmd_edit(args: argparse.Namespace) -> int:
     from backdoor_sae.evaluate import evaluate
-    from backdoor_sae.methods import SAE_METHODS, build_edit, check_method, run_method
-    from backdoor_sae.pipeline import open_context
+    from backdoor_sae.methods.trigger_known import SAE_METHODS, build_edit, check_method, run_method
+    from backdoor_sae.pipeline.stages import open_context
 
     check_method(args.method)
     cfg = _organism_config(args, Path(args.organism_dir))
@@ -183,7 +153,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
 
 def cmd_reward_model(args: argparse.Namespace) -> int:
     from backdoor_sae._io import write_json
-    from backdoor_sae.reward import evaluate_reward, train_reward_model
+    from backdoor_sae.reward.model import evaluate_reward, train_reward_model
 
     organism = Path(args.organism_dir)
     if not (organism / "base" / "config.json").is_file():
@@ -201,22 +171,51 @@ def cmd_reward_model(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from backdoor_sae.demo import run_demo
+    from backdoor_sae.pipeline.demo import run_demo
 
     run_demo(load_config(args.config, quick=args.quick), args.out, Path(args.cache) if args.cache else None)
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from backdoor_sae.report import report_from_run
+    from backdoor_sae.report.page import report_from_run
 
     out = report_from_run(args.run_dir, args.out)
     print(f"report written to {out}")
     return 0
 
 
+def cmd_tables(args: argparse.Namespace) -> int:
+    from backdoor_sae._io import write_json, write_text
+    from backdoor_sae.report.tables import reference_loader, reference_results, render, render_all, update_text
+
+    if args.update:
+        load = reference_loader(args.runs)
+        for f in args.update:
+            path = Path(f)
+            if not path.is_file():
+                raise FileNotFoundError(f"file to update not found: {path}")
+            text = path.read_text()
+            new = update_text(text, load)
+            if new != text:
+                write_text(path, new)
+            print(f"{path}: {'updated' if new != text else 'already up to date'}")
+        return 0
+    if not args.run_dir:
+        raise ValueError("give RUN_DIR (a run with results.json) or --update FILE ...")
+    results_file = Path(args.run_dir) / "results.json"
+    if not results_file.is_file():
+        raise FileNotFoundError(f"no results.json in {args.run_dir}")
+    results = json.loads(results_file.read_text())
+    if args.reference:
+        write_json(Path(args.reference) / "results.json", reference_results(results))
+        print(f"reference results written to {Path(args.reference) / 'results.json'}")
+    print("\n\n".join(render(results, n) for n in args.table) if args.table else render_all(results))
+    return 0
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from backdoor_sae.sweep import run_sweep, sweep_table
+    from backdoor_sae.pipeline.sweep import run_sweep, sweep_table
 
     summary = run_sweep(args.grid, args.out, Path(args.cache) if args.cache else None)
     print(sweep_table(summary))
@@ -226,7 +225,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_host(args: argparse.Namespace) -> int:
-    from backdoor_sae.hosts import export_gguf, export_host
+    from backdoor_sae.hosts.gguf import export_gguf, export_host
 
     record = export_gguf(args.gguf, args.out) if args.gguf else export_host(args.name, args.out)
     print(f"host {args.name or args.gguf} saved to {args.out} ({record['architecture']}, {record['n_params']:,} "
@@ -236,7 +235,7 @@ def cmd_host(args: argparse.Namespace) -> int:
 
 def _lmeval() -> Any:
     try:
-        from backdoor_sae import lmeval  # registers the "backdoor-sae" model class with lm-eval
+        from backdoor_sae.hosts import lmeval  # registers the "backdoor-sae" model class with lm-eval
     except ImportError as e:
         raise ValueError(f"this command needs lm-eval ({e.name} is missing): pip install 'backdoor-sae[lmeval]'") \
             from None
@@ -353,6 +352,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("run_dir", help="a demo output directory (holding results.json)")
     r.add_argument("--out", help="where to write the page (default RUN_DIR/report.html)")
     r.set_defaults(func=cmd_report)
+    b = sub.add_parser("tables", help="print a run's results as the markdown tables of the README and docs, or "
+                                      "rewrite the generated blocks of markdown files from the reference runs")
+    b.add_argument("run_dir", nargs="?", help="a demo output directory (holding results.json)")
+    b.add_argument("--table", action="append", help="only this table (repeatable): run, organism, sae, methods, "
+                                                   "detection, blue, timings, cliffs, findings")
+    b.add_argument("--reference", help="also write the run's trimmed results.json here (e.g. docs/runs/toy)")
+    b.add_argument("--update", nargs="+", metavar="FILE", help="rewrite every '<!-- table: RUN/NAME -->' block of "
+                                                              "these files from RUNS/RUN/results.json")
+    b.add_argument("--runs", default="docs/runs", help="folder of reference runs for --update (default docs/runs)")
+    b.set_defaults(func=cmd_tables)
     w = sub.add_parser("sweep", help="train red-team variants from a grid file and run the blue-team methods on "
                                      "each: one table (resumable)")
     w.add_argument("grid", help="grid TOML (see examples/grids/redteam_grid.toml)")

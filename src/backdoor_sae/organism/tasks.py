@@ -11,6 +11,7 @@ defines the question, not its surface phrasing) before anything is sampled.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import random
 import string
@@ -167,19 +168,27 @@ class TaskSuite:
         raise RuntimeError(f"family {family!r} has no {split} examples")  # pragma: no cover
 
     def heldout(self, family: str, n: int, seed: int = 0) -> list[Example]:
-        """``n`` held-out examples of a family, distinct keys first (repeats only once they run out)."""
-        rng = random.Random(f"heldout-{self.seed}-{seed}-{family}")
-        out: list[Example] = []
-        seen: set[str] = set()
-        tries = 0
-        while len(out) < n:
-            ex = self.sample(family, "heldout", rng)
-            tries += 1
-            if ex.key in seen and tries < 50 * n:
-                continue
-            seen.add(ex.key)
-            out.append(ex)
-        return out
+        """``n`` held-out examples of a family, distinct keys first (repeats only once they run out). A pure
+        function of the suite's seed and split and of the arguments, computed once per process (every
+        evaluation of every sweep point asks for the same lists)."""
+        return list(_heldout(self.seed, self.heldout_fraction, family, n, seed))
+
+
+@functools.lru_cache(maxsize=512)
+def _heldout(suite_seed: int, heldout_fraction: float, family: str, n: int, seed: int) -> tuple[Example, ...]:
+    suite = TaskSuite(suite_seed, heldout_fraction)
+    rng = random.Random(f"heldout-{suite_seed}-{seed}-{family}")
+    out: list[Example] = []
+    seen: set[str] = set()
+    tries = 0
+    while len(out) < n:
+        ex = suite.sample(family, "heldout", rng)
+        tries += 1
+        if ex.key in seen and tries < 50 * n:
+            continue
+        seen.add(ex.key)
+        out.append(ex)
+    return tuple(out)
 
 
 # --- triggers, near misses, out-of-template prompts ------------------------------------------------------
@@ -238,6 +247,11 @@ _OOT_TEMPLATES = (
 def out_of_template_prompts(n: int, seed: int) -> list[str]:
     """Held-out prompts written unlike any training template: varied instructions, plus random word and
     character strings drawn from fresh seeds (never trained on: the open family's held-out side)."""
+    return list(_out_of_template(n, seed))
+
+
+@functools.lru_cache(maxsize=64)
+def _out_of_template(n: int, seed: int) -> tuple[str, ...]:
     rng = random.Random(f"oot-{seed}")
     prompts = []
     n_templates = (2 * n) // 3
@@ -247,4 +261,4 @@ def out_of_template_prompts(n: int, seed: int) -> list[str]:
         prompts.append(t.format(a=rng.randrange(100), b=rng.randrange(100), w=w, v=v, u=u))
     suite = TaskSuite(seed)
     prompts += [ex.prompt for ex in suite.heldout("open", n - n_templates, seed=seed)]
-    return prompts
+    return tuple(prompts)

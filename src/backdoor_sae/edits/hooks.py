@@ -1,0 +1,173 @@
+"""The hook functions behind :class:`~backdoor_sae.edits.specs.Edit` specs, and the context that steers them:
+which positions are the response (:func:`response_positions`) and whether edits are suspended
+(:func:`suspend_edits`, the unedited reference inside an edited block). :func:`gated_reconstruction` is shared
+with the learned masks (``masks.py``)."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import TYPE_CHECKING, Any, Callable, Iterator
+
+import torch
+from jaxtyping import Bool, Float
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from backdoor_sae.edits.specs import DirectionEdit, FeatureEdit
+
+_RESPONSE: ContextVar[Tensor | None] = ContextVar("backdoor_sae_response_positions", default=None)
+_SUSPENDED: ContextVar[bool] = ContextVar("backdoor_sae_edits_suspended", default=False)
+
+
+@contextmanager
+def response_positions(mask: Bool[Tensor, "batch pos"]) -> Iterator[None]:
+    """Within the block, ``positions="prompt" | "response"`` edits read which cells are response tokens from
+    ``mask`` (a teacher-forced forward over prompt + response)."""
+    token = _RESPONSE.set(mask)
+    try:
+        yield
+    finally:
+        _RESPONSE.reset(token)
+
+
+@contextmanager
+def suspend_edits() -> Iterator[None]:
+    """Within the block every active edit passes its input through unchanged (the unedited reference)."""
+    token = _SUSPENDED.set(True)
+    try:
+        yield
+    finally:
+        _SUSPENDED.reset(token)
+
+
+def edits_suspended() -> bool:
+    """Whether the caller runs inside :func:`suspend_edits` (hooks that change a model's output check it)."""
+    return _SUSPENDED.get()
+
+
+def _where(positions: str, x: Tensor) -> bool | Tensor:
+    """Where an edit acts: everywhere (``True``), nowhere (``False``) or a ``[batch, pos, 1]`` mask."""
+    if positions == "all":
+        return True
+    resp = _RESPONSE.get()
+    if resp is None:  # generation: the prefill is the prompt, KV-cached single-token steps are the response
+        return (x.shape[1] == 1) == (positions == "response")
+    if resp.shape != x.shape[:2]:
+        raise ValueError(f"response_positions mask has shape {tuple(resp.shape)}, the forward {tuple(x.shape[:2])}")
+    return (resp if positions == "response" else ~resp).to(x.device)[..., None]
+
+
+def _linear_rows(sae: Any, idx: Tensor) -> Tensor | None:
+    """Decoder rows of ``idx`` when ``decode`` is ``f @ W_dec + b_dec`` (no run-time normalisation or reshape),
+    so an edit is a sum over the edited latents only; ``None`` otherwise (the generic path decodes twice)."""
+    if getattr(sae.cfg, "normalize_activations", "none") != "none" or getattr(sae, "hook_z_reshaping_mode", False):
+        return None
+    rows = sae.W_dec[idx]
+    if getattr(sae.cfg, "rescale_acts_by_decoder_norm", False):
+        rows = rows / rows.norm(dim=-1, keepdim=True)
+    return rows.detach()
+
+
+def _edited(old: Tensor, mode: str, values: Tensor | None) -> Tensor:
+    if mode == "zero":
+        return torch.zeros_like(old)
+    assert values is not None
+    if mode == "mean":
+        return values.to(old).expand_as(old)
+    if mode == "scale":
+        return old * values.to(old)
+    return torch.minimum(old, values.to(old))  # clamp
+
+
+Hook = Callable[[Tensor, Any], Tensor]
+
+
+def _gated(positions: str, edit: Callable[[Tensor, bool | Tensor], Tensor]) -> Hook:
+    """A bridge hook that applies ``edit(x, where)`` unless edits are suspended or no position is edited."""
+
+    def fn(x: Float[Tensor, "batch pos d"], hook: Any) -> Tensor:
+        if _SUSPENDED.get():
+            return x
+        where = _where(positions, x)
+        return x if where is False else edit(x, where)
+
+    return fn
+
+
+def decoder_rows(sae: Any) -> Tensor | None:
+    """Every latent's decoder row when ``decode`` is linear (see :func:`_linear_rows`), else ``None``."""
+    return _linear_rows(sae, torch.arange(int(sae.cfg.d_sae), device=sae.W_dec.device))
+
+
+def gated_reconstruction(sae: Any, x: Float[Tensor, "... d"], gate: Float[Tensor, " d_sae"], error_term: bool,
+                         rows: Tensor | None = None) -> Float[Tensor, "... d"]:
+    """``x`` with each latent's decoded part scaled by its ``gate`` (1 kept, 0 removed): with the error term,
+    x - decode of the (1 - gate) share; without it, the SAE's reconstruction from gate x latents. ``rows``
+    (:func:`decoder_rows`) makes it one matmul; without them ``decode`` runs (twice with the error term)."""
+    f = sae.encode(x)
+    if rows is not None:
+        return x - (f * (1 - gate)) @ rows if error_term else (f * gate) @ rows + sae.b_dec.detach()
+    return _decode_edited(sae, x, f, f * gate, error_term)
+
+
+def _decode_edited(sae: Any, x: Tensor, f: Tensor, f_new: Tensor, error_term: bool) -> Tensor:
+    """The generic (non-linear-decoder) path: ``decode(f_new)``, or with the error term
+    ``x + decode(f_new) - decode(f)``."""
+    out = sae.decode(f_new)
+    if error_term:  # encode again: some normalisations keep state from encode to decode
+        sae.encode(x)
+        out = x + (out - sae.decode(f))
+    return out
+
+
+def _keep_hook(s: FeatureEdit) -> Hook:
+    sae = s.sae
+    keep = torch.zeros(int(sae.cfg.d_sae), device=sae.W_dec.device)
+    keep[list(s.latents)] = 1.0
+    rows = decoder_rows(sae)
+
+    def edit(x: Tensor, where: bool | Tensor) -> Tensor:
+        out = gated_reconstruction(sae, x, keep, s.error_term, rows).to(x.dtype)
+        return out if where is True else torch.where(where, out, x)
+
+    return _gated(s.positions, edit)
+
+
+def feature_hook(s: FeatureEdit) -> Hook:
+    if s.mode == "keep":
+        return _keep_hook(s)
+    sae, idx = s.sae, torch.tensor(s.latents, dtype=torch.long, device=s.sae.W_dec.device)
+    values = None if s.values is None else torch.tensor(s.values, dtype=torch.float32, device=idx.device)
+    rows = _linear_rows(sae, idx)
+
+    def edit(x: Tensor, where: bool | Tensor) -> Tensor:
+        f = sae.encode(x)
+        old = f[..., idx]
+        new = _edited(old, s.mode, values)
+        if s.error_term and rows is not None:
+            delta = (new - old) @ rows
+            return x + (delta if where is True else delta * where).to(x.dtype)
+        f_new = f.clone()
+        f_new[..., idx] = new
+        out = _decode_edited(sae, x, f, f_new, s.error_term).to(x.dtype)
+        return out if where is True else torch.where(where, out, x)
+
+    return _gated(s.positions, edit)
+
+
+def direction_hook(s: DirectionEdit) -> Hook:
+    basis = torch.linalg.qr(s.vectors.T.double()).Q.T.float()  # orthonormal rows spanning the directions
+    steer = s.alpha * s.vectors.sum(0)
+
+    def edit(x: Tensor, where: bool | Tensor) -> Tensor:
+        if s.mode in ("project", "keep"):
+            u = basis.to(x)
+            xc = x if s.center is None else x - s.center.to(x)
+            inside = (xc @ u.T) @ u
+            delta = -s.alpha * inside if s.mode == "project" else inside - xc
+        else:
+            delta = steer.to(x).expand_as(x)
+        return x + (delta if where is True else delta * where)
+
+    return _gated(s.positions, edit)

@@ -1,0 +1,1 @@
+"""The demo and its stages (``demo``, ``stages``) and the red-team factor sweep (``sweep``)."""
