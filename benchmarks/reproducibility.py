@@ -15,7 +15,10 @@ evaluation) per setting, in ``--out/<setting>``; prints the held-out figures. Se
   AVX2 path, as on a CPU without AVX-512;
 - ``mkl_avx2``: ``MKL_CBWR=AVX2,STRICT``, MKL's conditional numerical reproducibility on its AVX2 branch
   (matrix products computed the same way on every CPU that has AVX2);
-- ``portable``: both of the last two: what an AVX2-only machine computes, on this one.
+- ``portable``: both of the last two: what an AVX2-only machine computes, on this one;
+- ``portable_threads1``: the same on one thread (does the thread count still matter?).
+
+A setting may be named twice (``default,default``): the second run checks that the machine repeats itself.
 """
 
 from __future__ import annotations
@@ -34,6 +37,9 @@ SETTINGS: dict[str, dict[str, str]] = {
     "aten_avx2": {"ATEN_CPU_CAPABILITY": "avx2"},
     "mkl_avx2": {"MKL_CBWR": "AVX2,STRICT"},
     "portable": {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2,STRICT"},
+    "cnr_avx2": {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2"},
+    "cnr_avx2_threads1": {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "BACKDOOR_SAE_REPRO_THREADS": "1"},
+    "portable_threads1": {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2,STRICT", "BACKDOOR_SAE_REPRO_THREADS": "1"},
 }
 
 
@@ -101,7 +107,7 @@ def main() -> None:
     if args.child:
         return _child(args)
     rows = []
-    for name in args.settings.split(","):
+    for i, name in enumerate(args.settings.split(",")):
         if name not in SETTINGS:
             raise SystemExit(f"unknown setting {name!r}; valid: {', '.join(SETTINGS)}")
         env = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "MKL_CBWR")}
@@ -117,7 +123,8 @@ def main() -> None:
         ref = rows[0]["losses"]
         for r in rows:
             r["first_diff"] = next((i for i, (a, b) in enumerate(zip(ref, r["losses"])) if a != b), None)
-            print(f"{r['setting']:<10} threads {r['threads']} {r['cpu_capability']:<7} tokenizer {r['tokenizer_sha256']} "
+            print(f"{r['setting']:<10} threads {r['threads']} {r['cpu_capability']:<7} "
+                  f"tokenizer {r['tokenizer_sha256']} "
                   f"weights {r['weights_sha256']} last loss {r['losses'][-1]} first step differing from "
                   f"{rows[0]['setting']}: {r['first_diff']} ({r['seconds']} s)")
 

@@ -124,7 +124,8 @@ def test_sft_under_accelerate_launch(tiny_model_dir, tmp_path):
 
     script = tmp_path / "run.py"
     script.write_text(
-        "import sys\nfrom backdoor_sae.config import config_from_dict\nfrom backdoor_sae.baselines.finetune import sft, sft_rows\n"
+        "import sys\nfrom backdoor_sae.config import config_from_dict\n"
+        "from backdoor_sae.baselines.finetune import sft, sft_rows\n"
         "from backdoor_sae.models import load_model\n"
         f"m = load_model({str(tiny_model_dir)!r}, bridge=False)\n"
         "rows = sft_rows(config_from_dict({'blue': {'n_train_prompts': 64}}), 'hhh')\n"

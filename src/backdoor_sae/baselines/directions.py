@@ -104,4 +104,3 @@ def _probe(trig: Tensor, clean: Tensor, seed: int) -> tuple[Tensor, dict[str, An
     b = float(clf.intercept_[0] - (clf.coef_[0] * scaler.mean_ / scaler.scale_).sum())
     acc = float(clf.score(scaler.transform(x), y))
     return (w / w.norm())[None], {"intercept": b, "weight_norm": float(w.norm()), "train_accuracy": round(acc, 4)}
-

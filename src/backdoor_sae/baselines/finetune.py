@@ -96,7 +96,10 @@ def _eval_callback(model: LoadedModel, every: int, steps: int, on_eval: OnEval, 
             self.start, self.in_eval = time.perf_counter(), 0.0
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            if state.global_step % every == 0 or state.global_step == steps:
+            step = state.global_step
+            # every ``every`` steps and at the end; a periodic point within half an interval of the end is left
+            # to the final one (320 steps every 106: 106, 212, 320, not also 318)
+            if step == steps or (step % every == 0 and steps - step >= every / 2):
                 t, net = time.perf_counter(), kw["model"]
                 net.eval()
                 record = on_eval(_view(model, _eval_copy(net)), state.global_step)

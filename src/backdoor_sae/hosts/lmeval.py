@@ -1,15 +1,16 @@
 """lm-eval integration: the ``backdoor-sae`` model class evaluates a model with an
-:class:`~backdoor_sae.edits.specs.Edit` active, so MMLU, IFEval or Math-500 run on edited models where the hub is reachable:
+:class:`~backdoor_sae.edits.specs.Edit` active, so MMLU, IFEval or Math-500 run on edited models where the hub is
+reachable:
 
     backdoor-sae lm-eval --model backdoor-sae --model_args pretrained=DIR,edit=EDIT.json --tasks mmlu
 
 (``backdoor-sae lm-eval`` is lm-eval's own CLI with this class registered: lm-eval has no plug-in entry point for
 model classes.) From Python: ``import backdoor_sae.hosts.lmeval`` and then
-``lm_eval.simple_evaluate(model="backdoor-sae", ...)``. Offline, :func:`write_tasks` writes the library's task suite as local lm-eval tasks (YAML + JSONL): the
-same prompts, in the model's chat format, scored by exact match, so lm-eval and :func:`~backdoor_sae.evaluate`
-can be compared on the same edited model. The class is a thin subclass of lm-eval's ``HFLM``: the edit's hooks
-sit inside the HF modules (the bridge wraps them in place), so every forward lm-eval runs is edited.
-"""
+``lm_eval.simple_evaluate(model="backdoor-sae", ...)``. Offline, :func:`write_tasks` writes the library's task
+suite as local lm-eval tasks (YAML + JSONL): the same prompts, in the model's chat format, scored by exact match,
+so lm-eval and :func:`~backdoor_sae.evaluate` can be compared on the same edited model. The class is a thin
+subclass of lm-eval's ``HFLM``: the edit's hooks sit inside the HF modules (the bridge wraps them in place), so
+every forward lm-eval runs is edited."""
 
 from __future__ import annotations
 

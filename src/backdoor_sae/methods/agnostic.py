@@ -1,12 +1,12 @@
 """Trigger-agnostic methods ("keep what is good"), their sweeps and their operating-point rule.
 
-``sae_keep_trusted`` keeps the latents active on clean data (optionally intersected or united with the latents
-that match an SAE of the base model), ``sae_keep_reward`` the latents most correlated with a reward on clean
-sampled completions, ``sae_learned_mask`` the latents a hard-concrete mask trained on clean data keeps, and
-``pca_keep`` the top principal components of clean activations of base + backdoored models; everything else is
-zeroed. Nothing here reads the trigger, the backdoor text or a triggered row: the SAEs are trained on the store's
-clean rows (``sae_data = "clean"``), every statistic goes through :data:`backdoor_sae.methods.keeping.CLEAN`.
-The same SAE methods also run with the mixed-data SAEs of the SAE stage (``<name>_mixed``, ``trigger_agnostic: false``: those
+``sae_keep_trusted`` keeps the latents active on clean data (optionally intersected or united with the latents that
+match an SAE of the base model), ``sae_keep_reward`` the latents most correlated with a reward on clean sampled
+completions, ``sae_learned_mask`` the latents a hard-concrete mask trained on clean data keeps, and ``pca_keep``
+the top principal components of clean activations of base + backdoored models; everything else is zeroed. Nothing
+here reads the trigger, the backdoor text or a triggered row: the SAEs are trained on the store's clean rows
+(``sae_data = "clean"``), every statistic goes through :data:`backdoor_sae.methods.keeping.CLEAN`. The same SAE
+methods also run with the mixed-data SAEs of the SAE stage (``<name>_mixed``, ``trigger_agnostic: false``: those
 SAEs saw triggered activations) so the cost of the defender's restriction is visible.
 
 Operating point, fixed before any held-out number was read: the most aggressive point (fewest latents or
@@ -164,4 +164,3 @@ def run_agnostic(ctx: KeepContext, name: str, *, selection: list[Example] | None
     if name == "sae_learned_mask":
         extra["masks"] = [{"sparsity": s, "keep_error": e, **m.meta} for (s, e), m in ctx._masks.items()]
     return {**rec, **extra}
-

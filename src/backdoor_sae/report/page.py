@@ -19,7 +19,7 @@ from backdoor_sae._io import atomic_file
 from backdoor_sae.report._html import CSS, Raw, esc, fmt, params_text, section, table
 
 KNOWN, AGNOSTIC, NOT_AGNOSTIC, UNLABELLED = ("trigger known", "trigger-agnostic",
-                                            "not agnostic (SAE saw triggered data)", "unlabelled")
+                                             "not agnostic (SAE saw triggered data)", "unlabelled")
 CATEGORIES = (KNOWN, AGNOSTIC, NOT_AGNOSTIC, UNLABELLED)
 SHORT = {KNOWN: "known", AGNOSTIC: "agnostic", NOT_AGNOSTIC: "not agnostic", UNLABELLED: "?"}
 SYMBOLS = {KNOWN: "circle", AGNOSTIC: "diamond", NOT_AGNOSTIC: "square-open", UNLABELLED: "triangle-up"}
@@ -35,6 +35,8 @@ SAE_COLUMNS = {"explained_variance": "EV", "explained_variance_clean": "EV clean
                "kl_with_error": "KL w/ error"}
 ATTR_COLUMNS = ("attribution", "auroc", "contrast", "mean_trigger", "freq_clean", "freq_triggered", "clean_max")
 PLOT_CONFIG = {"displaylogo": False, "responsive": True}
+
+
 def category(rec: Mapping[str, Any]) -> str:
     """Trigger known, trigger-agnostic, or not agnostic (run with SAEs that saw triggered data)."""
     if rec.get("trigger_known") is True:

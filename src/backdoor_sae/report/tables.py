@@ -171,8 +171,10 @@ def timings_table(r: Results) -> str:
     return md_table(["stage", "seconds"], rows)
 
 
-def cliffs_table(r: Results, names: Sequence[str] = ("pca_ablate", "diffmean_steer", "diffmean_ablate",
-                                                      "sae_scale_trigger")) -> str:
+CLIFF_METHODS = ("pca_ablate", "diffmean_steer", "diffmean_ablate", "sae_scale_trigger")
+
+
+def cliffs_table(r: Results, names: Sequence[str] = CLIFF_METHODS) -> str:
     """Every sweep point of the direction baselines (and one SAE method beside them): the train-split figures
     the rule reads, the held-out ones it reports, whether the point is stable (its neighbours agree)."""
     rows = []

@@ -24,6 +24,7 @@ from backdoor_sae.sae.training import check_sae_fits, save_sae, splice_sae, trai
 
 # ------------------------------------------------------------------------------------------------ metrics
 
+
 def explained_variance(x: Float[Tensor, "rows d"], x_hat: Float[Tensor, "rows d"]) -> float:
     """1 - sum((x - x_hat)^2) / sum((x - mean(x))^2): centred, so a constant offset earns nothing."""
     total = (x - x.mean(0)).pow(2).sum()
