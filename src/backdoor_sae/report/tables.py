@@ -37,7 +37,9 @@ def run_table(r: Results) -> str:
     """Where and when the run was made, its organism and its wall time."""
     env, org, t = r.get("environment", {}), r.get("organism", {}), r.get("timings", {})
     stages = t.get("total", 0.0) - t.get("organism", 0.0) if t else None
-    rows = [["date", env.get("date", "–")], ["machine", env.get("machine", "–")],
+    numerics = ", ".join(f"{k}={v}" for k, v in env.get("numeric_env", {}).items())
+    rows = [["date", env.get("date", "–")],
+            ["machine", env.get("machine", "–") + (f"; numerics: {numerics}" if numerics else "; native numerics")],
             ["software", env.get("software", "–")],
             ["organism", f"`{org.get('organism_hash', '–')}` ({org.get('n_params', 0):,} parameters; "
                          f"trained in {dash(org.get('train_seconds'), '.1f')} s)"],
@@ -215,7 +217,9 @@ def render_all(results: Results) -> str:
     return "\n\n".join(f"### {name}\n\n{render(results, name)}" for name in TABLES)
 
 
-BLOCK = re.compile(r"(<!-- table: (?P<run>[\w.-]+)/(?P<name>\w+) -->\n)(?P<body>.*?)(\n<!-- /table -->)", re.S)
+# a block runs from its header to the nearest closing marker (an empty one has no body line at all)
+BLOCK = re.compile(r"(<!-- table: (?P<run>[\w.-]+)/(?P<name>\w+) -->\n)(?P<body>(?:(?!<!-- /?table).)*?)\n?"
+                   r"(<!-- /table -->)", re.S)
 
 
 def blocks(text: str) -> list[tuple[str, str, str]]:
@@ -225,7 +229,7 @@ def blocks(text: str) -> list[tuple[str, str, str]]:
 
 def update_text(text: str, runs: Callable[[str], Results]) -> str:
     """``text`` with every block re-rendered from ``runs(name)`` (the reference run's results)."""
-    return BLOCK.sub(lambda m: m.group(1) + render(runs(m["run"]), m["name"]) + m.group(5), text)
+    return BLOCK.sub(lambda m: m.group(1) + render(runs(m["run"]), m["name"]) + "\n" + m.group(5), text)
 
 
 def reference_loader(runs_dir: str | Path) -> Callable[[str], Results]:
