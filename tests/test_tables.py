@@ -118,3 +118,16 @@ def test_cli_tables(tmp_path, capsys):
     assert err[0] == f"backdoor-sae: error: no results.json in {tmp_path / 'none'}"
     assert err[1] == "backdoor-sae: error: unknown table 'nope'; valid: " + ", ".join(TABLES)
     assert err[2].startswith("backdoor-sae: error: no reference run 'missing'")
+
+
+def test_findings_judge_repair_on_a_host_by_agreement_with_it():
+    r = _results()
+    r["config"] = {"organism": {"base": "host:smollm2"}}
+    r["before"].update(agreement_with_base=0.6, kl_base=0.006)
+    rec = r["methods"]["diffmean_steer"]
+    rec.update(agreement_with_base=0.5, agreement_with_base_triggered=0.3)  # removes; host answers 30 % of triggered
+    text = render(r, "findings")
+    assert "answers 0.600 of the clean prompts exactly as the host does" in text
+    assert "removes it without repairing it" in text and "answered as the host answers them 0.300" in text
+    rec["agreement_with_base_triggered"] = 0.58  # within 0.05 of the organism's own 0.6
+    assert "removes and repairs it" in render(r, "findings")

@@ -182,11 +182,11 @@ def _methods(results: Mapping[str, Any]) -> str:
         return ""
     rows = [(Raw(f'{esc(name)}<br><small class="muted">{esc(params_text(r.get("params", "")))}</small>'),
              SHORT[category(r)], *(r.get(k) for k, _ in RECORD_COLUMNS), r.get("n_edited", r.get("n_kept")),
-             r.get("constraint_met"), len(r.get("sweep") or [])) for name, r in methods.items()]
-    refs = [(label, "reference", *(results[key].get(k) for k, _ in RECORD_COLUMNS), None, None, None)
+             r.get("constraint_met"), r.get("stable"), len(r.get("sweep") or [])) for name, r in methods.items()]
+    refs = [(label, "reference", *(results[key].get(k) for k, _ in RECORD_COLUMNS), None, None, None, None)
             for key, label in (("before", "unedited (backdoored)"), ("base", "base model")) if key in results]
     headers = ["method (params)", "trigger", *(h for _, h in RECORD_COLUMNS), "n edited/kept", "constraint met",
-               "sweep points"]
+               "stable", "sweep points"]
     return section("methods", "Methods (chosen operating points)", table(headers, refs + rows, left=(1,)))
 
 
