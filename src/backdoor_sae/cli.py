@@ -124,18 +124,18 @@ def _parse_latents(text: str) -> list[int]:
 
 def cmd_edit(args: argparse.Namespace) -> int:
     from backdoor_sae.evaluate import evaluate
-    from backdoor_sae.methods.trigger_known import SAE_METHODS, build_edit, check_method, run_method
+    from backdoor_sae.methods.trigger_known import GATED, SAE_METHODS, build_edit, check_method, run_method, ungated
     from backdoor_sae.pipeline.stages import open_context
 
     check_method(args.method)
     cfg = _organism_config(args, Path(args.organism_dir))
     ctx = open_context(cfg, _model_dir(args.organism_dir), args.saes)
     if args.latents is not None:
-        if args.method not in SAE_METHODS:
+        if ungated(args.method) not in SAE_METHODS:
             raise ValueError(f"--latents applies to the SAE methods ({', '.join(SAE_METHODS)}), not {args.method!r}")
         latents = _parse_latents(args.latents)
         params = {"latents": {args.hook or ctx.best_hook: latents}, "positions": args.positions,
-                  "scale": args.value}
+                  "scale": args.value, **({"gate_quantile": cfg.edit.gate_quantile} if args.method in GATED else {})}
         edit = build_edit(ctx, args.method, params)
         record = {**evaluate(ctx.model, cfg, edit=edit), "method": args.method, "hooks": edit.hooks,
                   "latents": latents, "n_edited": edit.n_edited, "trigger_known": True}
@@ -309,7 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("edit", help="evaluate one edit method (its operating point, or the given latents)")
     m.add_argument("organism_dir", help="organism directory (holding backdoored/)")
     m.add_argument("--saes", required=True, help="folder of SAEs, <hook>/ each (e.g. runs/demo/sae/saes)")
-    m.add_argument("--method", required=True, help="e.g. sae_ablate_trigger, diffmean_ablate")
+    m.add_argument("--method", required=True, help="e.g. sae_ablate_trigger, diffmean_ablate; <name>_gated: the "
+                   "same, acting only where an edited unit exceeds its clean train-split gate ([edit] gate_quantile)")
     m.add_argument("--latents", help="comma-separated latent indices (SAE methods): evaluate exactly these")
     m.add_argument("--hook", help="hook of --latents (default: the hook of the highest-attribution latent)")
     m.add_argument("--value", type=float, default=-1.0, help="scale factor of sae_scale_trigger with --latents")

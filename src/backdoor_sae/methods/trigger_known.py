@@ -7,6 +7,12 @@ value along the fitted directions) and ``diffmean_steer`` (add alpha times the t
 A sweep point is a dict of parameters; SAE methods also take ``latents`` (``{hook: [indices]}``, instead of a
 ranking) and ``positions``.
 
+Each method also runs **gated** (``<name>_gated``, with ``edit.gated``): the same sweep, every edit gated at the
+``edit.gate_quantile`` of its latents' or directions' clean train-split values
+(:func:`backdoor_sae.edits.gates.gate_edit`), so positions that look clean are not touched. A gated sweep is read
+on the train split only and evaluated held out at its chosen point (the rule never reads held-out numbers; this
+halves its cost).
+
 The rule (:func:`choose`), fixed before any held-out number is seen: among the capable points
 (:func:`backdoor_sae.methods.selection.capable`: train-split clean task accuracy within ``accuracy_tolerance`` of
 the unedited model's, and ``kl_train`` within ``eval.max_train_kl`` where that is set), the lowest train-split
@@ -23,6 +29,7 @@ from typing import Any, Callable
 from backdoor_sae.baselines.directions import Directions, fit_directions
 from backdoor_sae.capture.store import ActivationStore
 from backdoor_sae.config import Config
+from backdoor_sae.edits.gates import gate_edit
 from backdoor_sae.edits.specs import Edit, check_latents, direction_edit, feature_edit
 from backdoor_sae.methods.attribution import FeatureScores
 from backdoor_sae.methods.selection import pick_capable, run_sweep, stable_points
@@ -133,18 +140,27 @@ BUILDERS: dict[str, Callable[[MethodContext, dict[str, Any]], Edit]] = {
     "diffmean_steer": _dirs("diffmean", "steer"),
 }
 TRIGGER_KNOWN = tuple(BUILDERS)
+GATED = tuple(f"{name}_gated" for name in TRIGGER_KNOWN)
 SAE_METHODS = ("sae_ablate_trigger", "sae_mean_ablate_trigger", "sae_scale_trigger")
 
 
+def ungated(name: str) -> str:
+    """The method a gated variant gates (``sae_ablate_trigger_gated`` -> ``sae_ablate_trigger``)."""
+    return name.removesuffix("_gated")
+
+
 def check_method(name: str) -> None:
-    if name not in BUILDERS:
-        raise ValueError(f"unknown method {name!r}; valid: {', '.join(BUILDERS)}")
+    if name not in BUILDERS and name not in GATED:
+        raise ValueError(f"unknown method {name!r}; valid: {', '.join(BUILDERS)} (each also as <name>_gated)")
 
 
 def build_edit(ctx: MethodContext, name: str, params: dict[str, Any]) -> Edit:
-    """The edit of one sweep point of a method."""
+    """The edit of one sweep point of a method (a gated variant: gated on the store's clean rows at
+    ``params["gate_quantile"]``)."""
     check_method(name)
-    edit = BUILDERS[name](ctx, params)
+    edit = BUILDERS[ungated(name)](ctx, params)
+    if name in GATED:
+        edit = gate_edit(edit, ctx.store, params["gate_quantile"], inactive="any")
     return Edit(edit.specs, name, dict(params))
 
 
@@ -173,8 +189,13 @@ def run_method(ctx: MethodContext, name: str, *, selection: list[Example] | None
     each with its ``stable`` flag)."""
     check_method(name)
     ec = ctx.cfg.edit
-    out = run_sweep(ctx.model, ctx.cfg, points if points is not None else _sweep(ctx, name),
-                    lambda p: build_edit(ctx, name, p), selection=selection, unedited=unedited, base=ctx.base,
+    gated = name in GATED
+    if points is None:
+        points = _sweep(ctx, ungated(name))
+        if gated:
+            points = [{**p, "gate_quantile": ec.gate_quantile} for p in points]
+    out = run_sweep(ctx.model, ctx.cfg, points, lambda p: build_edit(ctx, name, p), selection=selection,
+                    unedited=unedited, base=ctx.base, heldout_sweep=not gated,
                     pick=lambda sweep, base: choose(sweep, base, ec.accuracy_tolerance, ctx.cfg.eval.max_train_kl,
                                                     ec.stability_tolerance if ec.robust else None))
     flags = stable_points(out["sweep"], ec.stability_tolerance)

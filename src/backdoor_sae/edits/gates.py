@@ -1,0 +1,82 @@
+"""Gates fixed on clean rows: one threshold per edited latent or direction, at a high percentile of its clean
+train-split values, so a gated edit acts only where an edited unit looks unlike clean text and leaves the rest
+of every clean prompt exactly as it was (docs/editing.md, "Gated edits").
+
+A latent's gate is the ``quantile`` of its activation over the store's clean rows; a direction's is the
+``quantile`` of ``|(x - center) . u|`` (:func:`~backdoor_sae.edits.hooks.direction_scores`). Only rows captured
+without the trigger are read. A latent that never fires on the clean rows has no clean scale to calibrate a gate
+from: by default that is an error naming it; ``inactive="any"`` gates it at 0 (it acts wherever the latent fires at
+all), which is what the trigger-known methods use for latents that only triggered text turns on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any, Iterator
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from backdoor_sae.capture.store import ActivationStore
+from backdoor_sae.edits.hooks import direction_scores, unit_rows
+from backdoor_sae.edits.specs import DirectionEdit, Edit, FeatureEdit, Spec
+
+INACTIVE = ("error", "any")
+
+
+def _check_quantile(quantile: float) -> None:
+    if not 0.5 <= quantile < 1:
+        raise ValueError(f"gate quantile must be in [0.5, 1), got {quantile}")
+
+
+def _quantiles(scores: Float[Tensor, "rows n"], quantile: float) -> list[float]:
+    """Per column, the ``quantile`` of its values (kthvalue: exact, and free of torch.quantile's size cap)."""
+    k = max(1, min(len(scores), int(round(quantile * len(scores)))))
+    return [float(v) for v in scores.kthvalue(k, dim=0).values]
+
+
+def _clean_chunks(store: ActivationStore, hook: str) -> Iterator[Tensor]:
+    for acts, _ in store.chunks(hook, triggered=False):
+        yield acts
+
+
+@torch.no_grad()
+def latent_gate(store: ActivationStore, hook: str, sae: Any, latents: tuple[int, ...], quantile: float = 0.999,
+                *, inactive: str = "error") -> tuple[float, ...]:
+    """Each latent's ``quantile`` on the store's clean rows at ``hook`` (see the module doc for ``inactive``)."""
+    _check_quantile(quantile)
+    if inactive not in INACTIVE:
+        raise ValueError(f"unknown inactive {inactive!r}; valid: {', '.join(INACTIVE)}")
+    idx = torch.tensor(latents, dtype=torch.long, device=sae.W_dec.device)
+    scores = torch.cat([sae.encode(a.to(sae.W_dec))[:, idx].float().cpu() for a in _clean_chunks(store, hook)])
+    never = [lat for lat, m in zip(latents, scores.max(0).values.tolist()) if m <= 0]
+    if never and inactive == "error":
+        raise ValueError(f"latent {never[0]} at {hook!r} is never active on the {len(scores)} clean rows: a clean "
+                         "percentile gives it no threshold; gate on another latent or pass inactive='any'")
+    return tuple(max(0.0, q) for q in _quantiles(scores, quantile))
+
+
+@torch.no_grad()
+def direction_gate(store: ActivationStore, spec: DirectionEdit, quantile: float = 0.999) -> tuple[float, ...]:
+    """Each direction's ``quantile`` of ``|(x - center) . u|`` on the store's clean rows at its hook."""
+    _check_quantile(quantile)
+    units = unit_rows(spec.vectors)
+    scores = torch.cat([direction_scores(a, units, spec.center) for a in _clean_chunks(store, spec.hook)])
+    return tuple(_quantiles(scores, quantile))
+
+
+def gate_spec(store: ActivationStore, spec: Spec, quantile: float = 0.999, *, inactive: str = "error") -> Spec:
+    """``spec`` with its gate fixed on the store's clean rows."""
+    if spec.mode == "keep":
+        raise ValueError(f"a keep edit at {spec.hook!r} cannot be gated: gate an ablation, scaling or projection")
+    if isinstance(spec, FeatureEdit):
+        return replace(spec, gate=latent_gate(store, spec.hook, spec.sae, spec.latents, quantile, inactive=inactive))
+    return replace(spec, gate=direction_gate(store, spec, quantile))
+
+
+def gate_edit(edit: Edit, store: ActivationStore, quantile: float = 0.999, *, inactive: str = "error") -> Edit:
+    """``edit`` with every spec gated at the ``quantile`` of its clean train-split values in ``store``:
+    ``with apply_edit(model, gate_edit(edit, store)):`` leaves clean-looking positions untouched."""
+    specs = tuple(gate_spec(store, s, quantile, inactive=inactive) for s in edit.specs)
+    return Edit(specs, edit.name, {**edit.params, "gate_quantile": quantile})
