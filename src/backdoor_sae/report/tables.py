@@ -70,7 +70,9 @@ def organism_table(r: Results) -> str:
     return md_table(head, rows) + note
 
 
-SAE_COLS = (("explained_variance", "EV", f3), ("explained_variance_triggered", "EV trig", f3),
+SAE_COLS = (("train_tokens", "train tokens", lambda v: dash(v, ",.0f")), ("train_rows", "distinct rows",
+                                                                          lambda v: dash(v, ",.0f")),
+            ("explained_variance", "EV", f3), ("explained_variance_triggered", "EV trig", f3),
             ("explained_variance_clean", "EV clean", f3), ("l0", "L0", lambda v: dash(v, ".1f")),
             ("dead_fraction", "dead", f3), ("ce_loss_recovered", "CE recovered", f4),
             ("ce_increase", "CE increase", f4), ("kl", "KL", f4), ("kl_with_error", "KL with error", f4))

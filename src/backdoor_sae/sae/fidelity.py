@@ -162,9 +162,12 @@ def sae_stage(cfg: Config, organism_root: str | Path, out_dir: str | Path, model
         t = time.perf_counter()
         sae = train_sae_from_config(train_store, hook, cfg, sc.n_train_tokens, model_name=str(mdir))
         save_sae(sae, out_dir / "saes" / hook)
-        timings["train"] += time.perf_counter() - t
+        seconds = time.perf_counter() - t
+        timings["train"] += seconds
         t = time.perf_counter()
-        results[hook] = sae_metrics(sae, lm, eval_store, hook=hook)
+        # what it was trained on: activations drawn (with repeats when the capture holds fewer) and distinct rows
+        results[hook] = {"train_tokens": float(sc.n_train_tokens), "train_rows": float(train_store.n_rows),
+                         "train_seconds": round(seconds, 2), **sae_metrics(sae, lm, eval_store, hook=hook)}
         timings["metrics"] += time.perf_counter() - t
     timings = {k: round(v, 2) for k, v in timings.items()}
     record = {"sae": results, "timings": timings}
