@@ -25,9 +25,10 @@ from backdoor_sae.edits.specs import DirectionEdit, Edit, FeatureEdit, Spec
 INACTIVE = ("error", "any")
 
 
-def _check_quantile(quantile: float) -> None:
+def check_quantile(quantile: float, name: str = "gate quantile") -> None:
+    """The one bound on a gate quantile (``name``: what the message calls it, e.g. a config key)."""
     if not 0.5 <= quantile < 1:
-        raise ValueError(f"gate quantile must be in [0.5, 1), got {quantile}")
+        raise ValueError(f"{name} must be in [0.5, 1), got {quantile}")
 
 
 def _quantiles(scores: Float[Tensor, "rows n"], quantile: float) -> list[float]:
@@ -45,7 +46,7 @@ def _clean_chunks(store: ActivationStore, hook: str) -> Iterator[Tensor]:
 def latent_gate(store: ActivationStore, hook: str, sae: Any, latents: tuple[int, ...], quantile: float = 0.999,
                 *, inactive: str = "error") -> tuple[float, ...]:
     """Each latent's ``quantile`` on the store's clean rows at ``hook`` (see the module doc for ``inactive``)."""
-    _check_quantile(quantile)
+    check_quantile(quantile)
     if inactive not in INACTIVE:
         raise ValueError(f"unknown inactive {inactive!r}; valid: {', '.join(INACTIVE)}")
     idx = torch.tensor(latents, dtype=torch.long, device=sae.W_dec.device)
@@ -60,7 +61,7 @@ def latent_gate(store: ActivationStore, hook: str, sae: Any, latents: tuple[int,
 @torch.no_grad()
 def direction_gate(store: ActivationStore, spec: DirectionEdit, quantile: float = 0.999) -> tuple[float, ...]:
     """Each direction's ``quantile`` of ``|(x - center) . u|`` on the store's clean rows at its hook."""
-    _check_quantile(quantile)
+    check_quantile(quantile)
     units = unit_rows(spec.vectors)
     scores = torch.cat([direction_scores(a, units, spec.center) for a in _clean_chunks(store, spec.hook)])
     return tuple(_quantiles(scores, quantile))

