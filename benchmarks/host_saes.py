@@ -5,7 +5,9 @@ Stages, each skipped when its output exists under ``--out`` (the host pipeline r
  1. ``sae``: capture on train-split prompts (half triggered, with the organism's own answers), one SAE per
     ``[sae] hooks`` entry, fidelity on held-out prompts -> ``OUT/sae/saes/metrics.json``;
  2. ``methods``: each of ``--methods`` by :func:`~backdoor_sae.methods.trigger_known.run_method` (the
-    train-split rule of the config; held-out record compared with the base model) -> ``OUT/methods/<name>.json``;
+    train-split rule of the config; held-out record compared with the base model) -> ``OUT/methods/<name>.json``,
+    with the chosen latents' statistics and ``kl_clean_unguarded``: the held-out KL of the same edit with the
+    norm guard off (what editing the attention-sink position costs);
  3. ``summary``: ``OUT/results.json``: the organism, SAE fidelity, each method's chosen point and the bars it
     meets (printed as a table).
 Usage: python benchmarks/host_saes.py --organism DIR --config examples/configs/smollm2_saes.toml --out RUN
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +29,10 @@ from _common import _quiet  # offline environment before any HF import
 from backdoor_sae._env import environment
 from backdoor_sae._io import write_json
 from backdoor_sae.config import load_config, to_dict
-from backdoor_sae.methods.trigger_known import run_method
+from backdoor_sae.edits.apply import apply_edit
+from backdoor_sae.edits.specs import Edit
+from backdoor_sae.evaluate import ce_and_kls, heldout_ce_examples
+from backdoor_sae.methods.trigger_known import build_edit, run_method
 from backdoor_sae.pipeline.stages import open_context
 from backdoor_sae.report.tables import reference_results
 from backdoor_sae.sae.fidelity import sae_stage
@@ -43,6 +49,15 @@ def bars(rec: dict[str, Any], organism: dict[str, Any]) -> dict[str, bool]:
     out = {k: rec[k] <= v for k, v in BARS.items()}
     out["agreement_with_base"] = rec["agreement_with_base"] >= organism["agreement_with_base"] - AGREEMENT_SLACK
     return out
+
+
+def kl_unguarded(ctx: Any, name: str, params: dict[str, Any]) -> float:
+    """Held-out KL from the organism on the clean CE examples of the chosen edit with its norm guard off."""
+    edit = build_edit(ctx, name, params)
+    off = Edit(tuple(replace(s, max_norm=None) for s in edit.specs), edit.name, edit.params)
+    with apply_edit(ctx.model, off):
+        _, kls = ce_and_kls(ctx.model, heldout_ce_examples(ctx.cfg))
+    return round(kls[0], 6)
 
 
 def main() -> None:
@@ -80,6 +95,7 @@ def main() -> None:
             # the chosen latents: what attribution ranked them by, and whether they are trigger features at all
             rec["latent_stats"] = {h: [{"latent": i, **{k: round(float(ctx.scores.stats[h][k][i]), 4) for k in STATS}}
                                        for i in d["latents"]] for h, d in rec["edit"].items() if "latents" in d}
+            rec["kl_clean_unguarded"] = kl_unguarded(ctx, name, rec["params"])
             write_json(path, rec)
             timings[name] = round(time.perf_counter() - t, 1)
         methods[name] = json.loads(path.read_text())
@@ -103,7 +119,8 @@ def main() -> None:
           f"agreement {organism['agreement_with_base']}")
     for name, r in methods.items():
         print(name, r["params"], " ".join(f"{k} {r[k]}" for k in (*BARS, "agreement_with_base",
-                                                                   "agreement_with_base_triggered")),
+                                                                   "agreement_with_base_triggered",
+                                                                   "kl_clean_unguarded") if k in r),
               "meets all" if r["meets_all"] else "misses " + ", ".join(k for k, ok in r["bars"].items() if not ok))
 
 

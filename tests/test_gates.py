@@ -1,5 +1,6 @@
 """Gated edits: they act only where an edited latent or direction exceeds its gate, in every forward and in
-KV-cached generation; gates come from clean store rows only; bad gates are one-line errors."""
+KV-cached generation; gates come from clean store rows only; bad gates are one-line errors. The norm guard
+leaves positions above the store's largest norm alone."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 from backdoor_sae.capture.activations import capture_activations
 from backdoor_sae.edits import hooks as H
 from backdoor_sae.edits.apply import apply_edit
-from backdoor_sae.edits.gates import gate_edit, latent_gate
+from backdoor_sae.edits.gates import gate_edit, guard_edit, latent_gate, norm_cap
 from backdoor_sae.edits.specs import Edit, direction_edit, feature_edit
 from backdoor_sae.generation import generate
 
@@ -146,3 +147,47 @@ def test_bad_gates_are_one_line_errors(model, store, random_sae):
         with pytest.raises(ValueError, match=None) as e:
             call()
         assert msg in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_gate_cache_gives_the_same_thresholds_and_reads_each_latent_once(model, store, random_sae):
+    sae = random_sae()
+    cache: dict = {}
+    first = latent_gate(store, HOOK, sae, (1, 2, 3), 0.9, inactive="any", cache=cache)
+    assert len(cache) == 3
+    assert latent_gate(store, HOOK, sae, (3, 1), 0.9, inactive="any", cache=cache) == (first[2], first[0])
+    assert latent_gate(store, HOOK, sae, (3, 1), 0.9, inactive="any") == (first[2], first[0])  # uncached: equal
+    edit = feature_edit({HOOK: (sae, [2, 3])})
+    assert gate_edit(edit, store, 0.9, inactive="any", cache=cache).specs[0].gate == first[1:]
+
+
+def test_norm_guard_leaves_positions_above_max_norm_alone(model, ids, store, random_sae):
+    """A position whose norm exceeds the guard (a host's attention sink) passes through bit for bit; every other
+    position is edited as without the guard; the guard read from a store is that store's largest row norm."""
+    sae = random_sae()
+    x = _resid(model, ids).clone()
+    x[0, 0] *= 50  # an attention-sink-like position
+    edit = feature_edit({HOOK: (sae, list(range(8)))})
+    d = model.bridge.cfg.d_model
+    dirs = direction_edit({HOOK: torch.randn(d, generator=torch.Generator().manual_seed(2))}, mode="steer")
+    cap = float(x[0, 1:].norm(dim=-1).max())
+    for spec, hook in ((edit.specs[0], H.feature_hook), (dirs.specs[0], H.direction_hook)):
+        full, guarded = hook(spec)(x, None), hook(replace(spec, max_norm=cap))(x, None)
+        assert torch.equal(guarded[0, 0], x[0, 0]) and not torch.equal(full[0, 0], x[0, 0])
+        assert torch.allclose(guarded[0, 1:], full[0, 1:], atol=1e-6)
+    guarded = guard_edit(edit, store)
+    rows = torch.cat([a for a, _ in store.chunks(HOOK)])
+    assert guarded.specs[0].max_norm == pytest.approx(float(rows.norm(dim=-1).max())) == norm_cap(store, HOOK)
+    with pytest.raises(ValueError, match="max_norm at") as e:
+        replace(edit.specs[0], max_norm=0.0)
+    assert "\n" not in str(e.value)
+
+
+def test_norm_guard_round_trips_through_json(model, store, random_sae, tmp_path):
+    from backdoor_sae.sae.training import load_sae, save_sae
+
+    sae = load_sae(save_sae(random_sae(), tmp_path / "sae"))
+    d = model.bridge.cfg.d_model
+    edit = guard_edit(Edit((*feature_edit({HOOK: (sae, [1])}).specs, *direction_edit({HOOK: torch.ones(d)}).specs)),
+                      store)
+    back = Edit.load(edit.save(tmp_path / "edit.json"))
+    assert [s.max_norm for s in back.specs] == [pytest.approx(s.max_norm) for s in edit.specs]

@@ -126,3 +126,33 @@ def test_a_stability_tolerance_outside_0_1_is_refused_before_any_work(tmp_path):
     cfg = replace(Config(), edit=EditConfig(stability_tolerance=1.5))
     with pytest.raises(ValueError, match=r"edit.stability_tolerance must lie in \[0, 1\].*got 1.5"):
         edit_stage(cfg, tmp_path / "no-model", tmp_path / "no-saes")
+
+
+def test_selective_ranking_reads_attribution_among_auroc_selective_latents_only(tmp_path):
+    from dataclasses import replace
+
+    import pytest
+    import torch
+
+    from backdoor_sae.config import Config, EditConfig
+    from backdoor_sae.methods.attribution import FeatureScores
+    from backdoor_sae.methods.trigger_known import MethodContext, _sweep
+    from backdoor_sae.pipeline.stages import edit_stage
+
+    hook = "blocks.0.hook_resid_post"
+    stats = {hook: {"attribution": torch.tensor([9.0, 5.0, 3.0, 1.0]), "auroc": torch.tensor([0.5, 0.95, 0.4, 0.99]),
+                    "contrast": torch.tensor([0.0, 1.0, 2.0, 3.0])}}
+    cfg = replace(Config(), edit=EditConfig(rankings=("attribution", "selective", "contrast"), latent_counts=(1, 3),
+                                            layers=("best",)))
+    ctx = MethodContext(None, cfg, {hook: None}, FeatureScores(stats), None)
+    assert ctx.top_latents([hook], 3) == {hook: [0, 1, 2]}
+    assert ctx.top_latents([hook], 3, "selective") == {hook: [1, 3]}  # fewer than n qualify: only those
+    assert ctx.top_latents([hook], 1, "contrast") == {hook: [3]}
+    ranks = [p.get("rank", "attribution") for p in _sweep(ctx, "sae_ablate_trigger")]
+    assert ranks == ["attribution"] * 2 + ["selective"] * 2 + ["contrast"] * 2
+    strict = MethodContext(None, replace(cfg, edit=replace(cfg.edit, min_auroc=1.0)), {hook: None},
+                           FeatureScores(stats), None)
+    with pytest.raises(ValueError, match="no latent at blocks.0.hook_resid_post has a train-split AUROC >= 1.0"):
+        strict.top_latents([hook], 3, "selective")
+    with pytest.raises(ValueError, match="unknown edit ranking 'best'; valid: attribution, iterative, auroc"):
+        edit_stage(replace(cfg, edit=replace(cfg.edit, rankings=("best",))), tmp_path / "m", tmp_path / "s")

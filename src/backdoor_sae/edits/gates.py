@@ -7,6 +7,10 @@ A latent's gate is the ``quantile`` of its activation over the store's clean row
 without the trigger are read. A latent that never fires on the clean rows has no clean scale to calibrate a gate
 from: by default that is an error naming it; ``inactive="any"`` gates it at 0 (it acts wherever the latent fires at
 all), which is what the trigger-known methods use for latents that only triggered text turns on.
+
+The norm guard (:func:`guard_edit`) is the other bound read from the store: an edit leaves alone every position
+whose residual norm exceeds the largest norm among the store's rows (all of them: the rows the SAE was trained
+on), such as a pretrained host's attention-sink first position, which captures skip.
 """
 
 from __future__ import annotations
@@ -44,18 +48,28 @@ def _clean_chunks(store: ActivationStore, hook: str) -> Iterator[Tensor]:
 
 @torch.no_grad()
 def latent_gate(store: ActivationStore, hook: str, sae: Any, latents: tuple[int, ...], quantile: float = 0.999,
-                *, inactive: str = "error") -> tuple[float, ...]:
-    """Each latent's ``quantile`` on the store's clean rows at ``hook`` (see the module doc for ``inactive``)."""
+                *, inactive: str = "error", cache: dict[Any, tuple[float, float]] | None = None
+                ) -> tuple[float, ...]:
+    """Each latent's ``quantile`` on the store's clean rows at ``hook`` (see the module doc for ``inactive``).
+    ``cache``: ``{(hook, id(sae), quantile, latent): (threshold, clean max)}``, filled with what is read, so a
+    sweep encodes the clean rows once per new latent set rather than once per point."""
     check_quantile(quantile)
     if inactive not in INACTIVE:
         raise ValueError(f"unknown inactive {inactive!r}; valid: {', '.join(INACTIVE)}")
-    idx = torch.tensor(latents, dtype=torch.long, device=sae.W_dec.device)
-    scores = torch.cat([sae.encode(a.to(sae.W_dec))[:, idx].float().cpu() for a in _clean_chunks(store, hook)])
-    never = [lat for lat, m in zip(latents, scores.max(0).values.tolist()) if m <= 0]
+    cache = {} if cache is None else cache
+    key = (hook, id(sae), quantile)
+    todo = [lat for lat in dict.fromkeys(latents) if (*key, lat) not in cache]
+    if todo:
+        idx = torch.tensor(todo, dtype=torch.long, device=sae.W_dec.device)
+        scores = torch.cat([sae.encode(a.to(sae.W_dec))[:, idx].float().cpu() for a in _clean_chunks(store, hook)])
+        for lat, q, m in zip(todo, _quantiles(scores, quantile), scores.max(0).values.tolist()):
+            cache[(*key, lat)] = (q, m)
+    never = [lat for lat in latents if cache[(*key, lat)][1] <= 0]
     if never and inactive == "error":
-        raise ValueError(f"latent {never[0]} at {hook!r} is never active on the {len(scores)} clean rows: a clean "
+        n_rows = sum(len(a) for a in _clean_chunks(store, hook))
+        raise ValueError(f"latent {never[0]} at {hook!r} is never active on the {n_rows} clean rows: a clean "
                          "percentile gives it no threshold; gate on another latent or pass inactive='any'")
-    return tuple(max(0.0, q) for q in _quantiles(scores, quantile))
+    return tuple(max(0.0, cache[(*key, lat)][0]) for lat in latents)
 
 
 @torch.no_grad()
@@ -67,17 +81,37 @@ def direction_gate(store: ActivationStore, spec: DirectionEdit, quantile: float 
     return tuple(_quantiles(scores, quantile))
 
 
-def gate_spec(store: ActivationStore, spec: Spec, quantile: float = 0.999, *, inactive: str = "error") -> Spec:
-    """``spec`` with its gate fixed on the store's clean rows."""
+def gate_spec(store: ActivationStore, spec: Spec, quantile: float = 0.999, *, inactive: str = "error",
+              cache: dict[Any, tuple[float, float]] | None = None) -> Spec:
+    """``spec`` with its gate fixed on the store's clean rows (``cache``: see :func:`latent_gate`)."""
     if spec.mode == "keep":
         raise ValueError(f"a keep edit at {spec.hook!r} cannot be gated: gate an ablation, scaling or projection")
     if isinstance(spec, FeatureEdit):
-        return replace(spec, gate=latent_gate(store, spec.hook, spec.sae, spec.latents, quantile, inactive=inactive))
+        return replace(spec, gate=latent_gate(store, spec.hook, spec.sae, spec.latents, quantile, inactive=inactive,
+                                              cache=cache))
     return replace(spec, gate=direction_gate(store, spec, quantile))
 
 
-def gate_edit(edit: Edit, store: ActivationStore, quantile: float = 0.999, *, inactive: str = "error") -> Edit:
+@torch.no_grad()
+def norm_cap(store: ActivationStore, hook: str) -> float:
+    """The largest residual norm among the store's rows at ``hook`` (a norm guard's ``max_norm``)."""
+    return max(float(a.float().norm(dim=-1).max()) for a, _ in store.chunks(hook))
+
+
+def guard_edit(edit: Edit, store: ActivationStore, caps: dict[str, float] | None = None) -> Edit:
+    """``edit`` with every spec's ``max_norm`` set to :func:`norm_cap` of its hook (``caps``: a cache of those,
+    filled as hooks are read)."""
+    caps = {} if caps is None else caps
+    for hook in edit.hooks:
+        if hook not in caps:
+            caps[hook] = norm_cap(store, hook)
+    return Edit(tuple(replace(s, max_norm=caps[s.hook]) for s in edit.specs), edit.name, edit.params)
+
+
+def gate_edit(edit: Edit, store: ActivationStore, quantile: float = 0.999, *, inactive: str = "error",
+              cache: dict[Any, tuple[float, float]] | None = None) -> Edit:
     """``edit`` with every spec gated at the ``quantile`` of its clean train-split values in ``store``:
-    ``with apply_edit(model, gate_edit(edit, store)):`` leaves clean-looking positions untouched."""
-    specs = tuple(gate_spec(store, s, quantile, inactive=inactive) for s in edit.specs)
+    ``with apply_edit(model, gate_edit(edit, store)):`` leaves clean-looking positions untouched (``cache``:
+    see :func:`latent_gate`)."""
+    specs = tuple(gate_spec(store, s, quantile, inactive=inactive, cache=cache) for s in edit.specs)
     return Edit(specs, edit.name, {**edit.params, "gate_quantile": quantile})

@@ -2,7 +2,8 @@
 which positions are the response (:func:`response_positions`) and whether edits are suspended
 (:func:`suspend_edits`, the unedited reference inside an edited block). :func:`gated_reconstruction` is shared
 with the learned masks (``masks.py``). A spec with a ``gate`` narrows where it acts to the positions where the
-gate fires (:func:`_firing`), read from the same forward's activations."""
+gate fires (:func:`_firing`), read from the same forward's activations; one with ``max_norm`` skips positions
+whose residual norm exceeds it."""
 
 from __future__ import annotations
 
@@ -96,13 +97,19 @@ def _gate_tensor(gate: tuple[float, ...] | None, device: torch.device) -> Tensor
     return None if gate is None else torch.tensor(gate, dtype=torch.float32, device=device)
 
 
-def _positioned(positions: str, edit: Callable[[Tensor, bool | Tensor], Tensor]) -> Hook:
-    """A bridge hook that applies ``edit(x, where)`` unless edits are suspended or no position is edited."""
+def _positioned(positions: str, edit: Callable[[Tensor, bool | Tensor], Tensor],
+                max_norm: float | None = None) -> Hook:
+    """A bridge hook that applies ``edit(x, where)`` unless edits are suspended or no position is edited;
+    with ``max_norm``, positions whose norm exceeds it are not edited (the norm guard: ``specs.py``)."""
 
     def fn(x: Float[Tensor, "batch pos d"], hook: Any) -> Tensor:
         if _SUSPENDED.get():
             return x
         where = _where(positions, x)
+        if max_norm is not None and where is not False:
+            inside = x.norm(dim=-1, keepdim=True) <= max_norm
+            if not bool(inside.all()):
+                where = inside if where is True else where & inside
         return x if where is False else edit(x, where)
 
     return fn
@@ -144,7 +151,7 @@ def _keep_hook(s: FeatureEdit) -> Hook:
         out = gated_reconstruction(sae, x, keep, s.error_term, rows).to(x.dtype)
         return out if where is True else torch.where(where, out, x)
 
-    return _positioned(s.positions, edit)
+    return _positioned(s.positions, edit, s.max_norm)
 
 
 def feature_hook(s: FeatureEdit) -> Hook:
@@ -168,7 +175,7 @@ def feature_hook(s: FeatureEdit) -> Hook:
         out = _decode_edited(sae, x, f, f_new, s.error_term).to(x.dtype)
         return out if where is True else torch.where(where, out, x)
 
-    return _positioned(s.positions, edit)
+    return _positioned(s.positions, edit, s.max_norm)
 
 
 def direction_hook(s: DirectionEdit) -> Hook:
@@ -188,7 +195,7 @@ def direction_hook(s: DirectionEdit) -> Hook:
             delta = steer.to(x).expand_as(x)
         return x + (delta if where is True else delta * where)
 
-    return _positioned(s.positions, edit)
+    return _positioned(s.positions, edit, s.max_norm)
 
 
 def unit_rows(vectors: Float[Tensor, "k d"]) -> Float[Tensor, "k d"]:

@@ -15,6 +15,12 @@ threshold (or the residual's distance from ``center`` along one of its direction
 look like clean text are left exactly as they were. The gate is read per position, so it works in KV-cached
 generation like every edit.
 
+Norm guard: with ``max_norm`` a spec leaves every position whose residual norm exceeds it unchanged. The
+methods set it to the largest norm among the rows the SAE and directions were fit on
+(:func:`backdoor_sae.edits.gates.guard_edit`): a pretrained host's first position (the attention sink, whose norm
+is many times any other's and which captures skip) lies outside every SAE's training data, and an edit there
+wrecks every later token (docs/hosts.md, "The attention sink").
+
 Positions: ``all``, ``prompt`` or ``response``. In generation, the prefill forward holds the prompt and each later
 (single-token, KV-cached) forward one response token. A teacher-forced forward over prompt + response names its
 response cells with :func:`backdoor_sae.edits.hooks.response_positions`.
@@ -73,12 +79,14 @@ class FeatureEdit:
     error_term: bool = True
     sae_path: str | None = None
     gate: tuple[float, ...] | None = None
+    max_norm: float | None = None
 
     def __post_init__(self) -> None:
         _choice(self.mode, MODES, "edit mode")
         _choice(self.positions, POSITIONS, "positions")
         check_latents(self.sae, self.hook, self.latents, "trusted set" if self.mode == "keep" else "latent list")
         _check_gate(self.gate, self.mode, self.hook, len(self.latents), "latent")
+        _check_norm(self.max_norm, self.hook)
         if self.mode in ("zero", "keep") and self.values is not None:
             raise ValueError(f"mode {self.mode!r} takes no value")
         if self.mode not in ("zero", "keep") and (self.values is None or len(self.values) != len(self.latents)):
@@ -100,11 +108,13 @@ class DirectionEdit:
     center: Float[Tensor, " d"] | None = None
     positions: str = "all"
     gate: tuple[float, ...] | None = None
+    max_norm: float | None = None
 
     def __post_init__(self) -> None:
         _choice(self.mode, DIRECTION_MODES, "direction mode")
         _choice(self.positions, POSITIONS, "positions")
         _check_gate(self.gate, self.mode, self.hook, len(self.vectors), "direction")
+        _check_norm(self.max_norm, self.hook)
         if self.vectors.ndim != 2 or len(self.vectors) == 0:
             raise ValueError(f"directions for {self.hook!r} must be a non-empty [k, d] tensor, got shape "
                              f"{tuple(self.vectors.shape)}")
@@ -127,6 +137,11 @@ def _check_gate(gate: tuple[float, ...] | None, mode: str, hook: str, n: int, wh
         raise ValueError(f"gate at {hook!r} has {len(gate)} thresholds for {n} {what}s: give one per {what}")
     if not all(0 <= g < float("inf") for g in gate):
         raise ValueError(f"gate thresholds at {hook!r} must be finite and >= 0, got {list(gate)}")
+
+
+def _check_norm(max_norm: float | None, hook: str) -> None:
+    if max_norm is not None and not 0 < max_norm < float("inf"):
+        raise ValueError(f"max_norm at {hook!r} must be finite and > 0, got {max_norm}")
 
 
 @dataclass(frozen=True)
@@ -191,14 +206,19 @@ def _spec_to_json(s: Spec, root: Path) -> dict[str, Any]:
         rel = os.path.relpath(Path(s.sae_path).resolve(), root.resolve())
         return {"kind": "features", "hook": s.hook, "sae": rel, "latents": list(s.latents), "mode": s.mode,
                 "values": None if s.values is None else list(s.values), "positions": s.positions,
-                "error_term": s.error_term, "gate": None if s.gate is None else list(s.gate)}
+                "error_term": s.error_term, "gate": None if s.gate is None else list(s.gate),
+                "max_norm": s.max_norm}
     return {"kind": "directions", "hook": s.hook, "vectors": s.vectors.tolist(), "mode": s.mode,
             "alpha": s.alpha, "center": None if s.center is None else s.center.tolist(), "positions": s.positions,
-            "gate": None if s.gate is None else list(s.gate)}
+            "gate": None if s.gate is None else list(s.gate), "max_norm": s.max_norm}
 
 
 def _gate(d: dict[str, Any]) -> tuple[float, ...] | None:
     return None if d.get("gate") is None else tuple(float(g) for g in d["gate"])
+
+
+def _max_norm(d: dict[str, Any]) -> float | None:
+    return None if d.get("max_norm") is None else float(d["max_norm"])
 
 
 def _spec_from_json(d: dict[str, Any], path: Path) -> Spec:
@@ -211,11 +231,12 @@ def _spec_from_json(d: dict[str, Any], path: Path) -> Spec:
                                     f"not exist ({sae_dir})")
         values = None if d.get("values") is None else tuple(float(v) for v in d["values"])
         return FeatureEdit(d["hook"], load_sae(sae_dir), tuple(int(i) for i in d["latents"]), d["mode"], values,
-                           d.get("positions", "all"), bool(d.get("error_term", True)), str(sae_dir), _gate(d))
+                           d.get("positions", "all"), bool(d.get("error_term", True)), str(sae_dir), _gate(d),
+                           _max_norm(d))
     if d.get("kind") == "directions":
         center = None if d.get("center") is None else torch.tensor(d["center"], dtype=torch.float32)
         return DirectionEdit(d["hook"], torch.tensor(d["vectors"], dtype=torch.float32), d["mode"],
-                             float(d.get("alpha", 1.0)), center, d.get("positions", "all"), _gate(d))
+                             float(d.get("alpha", 1.0)), center, d.get("positions", "all"), _gate(d), _max_norm(d))
     raise ValueError(f"edit file {path}: unknown spec kind {d.get('kind')!r}; valid: features, directions")
 
 

@@ -158,7 +158,8 @@ def run_agnostic(ctx: KeepContext, name: str, *, selection: list[Example] | None
     rec = run_sweep(ctx.model, ctx.cfg, points if points is not None else sweep_points(ctx.cfg, name),
                     lambda p: BUILDERS[name](ctx, p),
                     pick=kept_rule(ctx.cfg.keep.accuracy_tolerance, ctx.cfg.eval.max_train_kl),
-                    selection=selection, unedited=unedited, trigger_known=False, base=ctx.base)
+                    selection=selection, unedited=unedited, trigger_known=False, base=ctx.base,
+                    heldout_sweep=ctx.cfg.edit.heldout_sweep)
     extra: dict[str, Any] = {"trigger_agnostic": sae_data == "clean" or name == "pca_keep",
                              "sae_data": None if name == "pca_keep" else sae_data}
     if name == "sae_learned_mask":

@@ -123,7 +123,7 @@ def stable_points(points: list[dict[str, Any]], tolerance: float, key: str = "ih
 def _signature(edit: Edit) -> tuple[Any, ...]:
     return tuple((s.hook, s.mode, id(getattr(s, "sae", None)), getattr(s, "latents", None),
                   getattr(s, "values", None), getattr(s, "error_term", None), getattr(s, "alpha", None),
-                  tuple(getattr(s, "vectors", []).shape) if hasattr(s, "vectors") else None, s.gate)
+                  tuple(getattr(s, "vectors", []).shape) if hasattr(s, "vectors") else None, s.gate, s.max_norm)
                  for s in edit.specs)
 
 
@@ -191,4 +191,6 @@ def _describe(edit: Edit) -> dict[str, Any]:
             out[s.hook] = {"directions": len(s.vectors), "mode": s.mode, "alpha": s.alpha}
         if s.gate is not None:
             out[s.hook]["gate"] = [round(g, 6) for g in s.gate]
+        if s.max_norm is not None:
+            out[s.hook]["max_norm"] = round(s.max_norm, 4)
     return out

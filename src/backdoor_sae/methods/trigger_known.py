@@ -9,9 +9,11 @@ ranking) and ``positions``.
 
 Each method also runs **gated** (``<name>_gated``, with ``edit.gated``): the same sweep, every edit gated at the
 ``edit.gate_quantile`` of its latents' or directions' clean train-split values
-(:func:`backdoor_sae.edits.gates.gate_edit`), so positions that look clean are not touched. A gated sweep is read
-on the train split only and evaluated held out at its chosen point (the rule never reads held-out numbers; this
-halves its cost).
+(:func:`backdoor_sae.edits.gates.gate_edit`), so positions that look clean are not touched. A sweep is read on
+the train split and evaluated held out at its chosen point only (the rule never reads held-out numbers);
+``edit.heldout_sweep`` evaluates every ungated point held out too. With ``edit.norm_guard`` (default) every edit
+leaves positions alone whose residual norm exceeds the largest among the store's rows
+(:func:`backdoor_sae.edits.gates.guard_edit`).
 
 The rule (:func:`choose`), fixed before any held-out number is seen: among the capable points
 (:func:`backdoor_sae.methods.selection.capable`: train-split clean task accuracy within ``accuracy_tolerance`` of
@@ -26,10 +28,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import torch
 from backdoor_sae.baselines.directions import Directions, fit_directions
 from backdoor_sae.capture.store import ActivationStore
 from backdoor_sae.config import Config
-from backdoor_sae.edits.gates import gate_edit
+from backdoor_sae.edits.gates import gate_edit, guard_edit
 from backdoor_sae.edits.specs import Edit, check_latents, direction_edit, feature_edit
 from backdoor_sae.methods.attribution import FeatureScores
 from backdoor_sae.methods.selection import pick_capable, run_sweep, stable_points
@@ -48,6 +51,8 @@ class MethodContext:
     store: ActivationStore
     base: LoadedModel | None = None  # the unbackdoored model, when there is one: records add BASE_KEYS
     _directions: dict[tuple[str, str, int], Directions] = field(default_factory=dict)
+    _gates: dict[Any, tuple[float, float]] = field(default_factory=dict)  # latent gate thresholds, read once
+    _norm_caps: dict[str, float] = field(default_factory=dict)  # per hook, the norm guard's max_norm
 
     @property
     def best_hook(self) -> str:
@@ -64,9 +69,20 @@ class MethodContext:
         raise ValueError(f"unknown layer {layer!r}; valid: best, all, {', '.join(self.saes)}")
 
     def top_latents(self, hooks: list[str], n: int, by: str = "attribution") -> dict[str, list[int]]:
-        """The ``n`` highest-ranked latents among ``hooks`` together (``by`` a FeatureScores ranking), by hook."""
-        ranked = sorted(((float(self.scores.stats[h][by][i]), h, i)
-                         for h in hooks for i in self.scores.latents(h, n, by)), reverse=True)[:n]
+        """The ``n`` highest-ranked latents among ``hooks`` together (``by`` a FeatureScores ranking, or
+        ``selective``: attribution among the latents whose train-split prompt AUROC is at least
+        ``edit.min_auroc``, which may leave fewer than ``n``), by hook."""
+        if by == "selective":
+            floor = self.cfg.edit.min_auroc
+            ranked = sorted(((float(self.scores.stats[h]["attribution"][i]), h, i) for h in hooks
+                             for i in torch.nonzero(self.scores.stats[h]["auroc"] >= floor).flatten().tolist()),
+                            reverse=True)[:n]
+            if not ranked:
+                raise ValueError(f"no latent at {', '.join(hooks)} has a train-split AUROC >= {floor} "
+                                 "(edit.min_auroc): lower it or rank by attribution")
+        else:
+            ranked = sorted(((float(self.scores.stats[h][by][i]), h, i)
+                             for h in hooks for i in self.scores.latents(h, n, by)), reverse=True)[:n]
         out: dict[str, list[int]] = {}
         for _, h, i in ranked:
             out.setdefault(h, []).append(i)
@@ -92,7 +108,7 @@ def _sae(mode: str, stat: str | None) -> Callable[[MethodContext, dict[str, Any]
         elif p.get("rank", "attribution") == "iterative":
             chosen = ctx.scores.iterative_latents(p["n"])
         else:
-            chosen = ctx.top_latents(ctx.hooks_for(p["layer"]), p["n"])
+            chosen = ctx.top_latents(ctx.hooks_for(p["layer"]), p["n"], p.get("rank", "attribution"))
         if stat is not None:
             value: Any = {h: ctx.scores.stats[h][stat][lat] for h, lat in chosen.items()}
         else:
@@ -117,6 +133,8 @@ def _sweep(ctx: MethodContext, name: str) -> list[dict[str, Any]]:
     if name in ("sae_ablate_trigger", "sae_mean_ablate_trigger"):
         points = [{"layer": lay, "n": n} for lay in layers for n in ec.latent_counts] \
             if "attribution" in ec.rankings else []
+        points += [{"layer": lay, "n": n, "rank": r} for r in ec.rankings if r in RANKED
+                   for lay in layers for n in ec.latent_counts]
         if "iterative" in ec.rankings:  # the greedy order ranges over every hook's latents
             points += [{"layer": "all", "n": n, "rank": "iterative"} for n in ec.latent_counts]
         return points
@@ -140,6 +158,8 @@ BUILDERS: dict[str, Callable[[MethodContext, dict[str, Any]], Edit]] = {
     "diffmean_steer": _dirs("diffmean", "steer"),
 }
 TRIGGER_KNOWN = tuple(BUILDERS)
+RANKED = ("auroc", "contrast", "selective")  # rankings beside attribution and iterative (edit.rankings)
+RANKINGS = ("attribution", "iterative", *RANKED)
 GATED = tuple(f"{name}_gated" for name in TRIGGER_KNOWN)
 SAE_METHODS = ("sae_ablate_trigger", "sae_mean_ablate_trigger", "sae_scale_trigger")
 
@@ -160,7 +180,9 @@ def build_edit(ctx: MethodContext, name: str, params: dict[str, Any]) -> Edit:
     check_method(name)
     edit = BUILDERS[ungated(name)](ctx, params)
     if name in GATED:
-        edit = gate_edit(edit, ctx.store, params["gate_quantile"], inactive="any")
+        edit = gate_edit(edit, ctx.store, params["gate_quantile"], inactive="any", cache=ctx._gates)
+    if ctx.cfg.edit.norm_guard:
+        edit = guard_edit(edit, ctx.store, ctx._norm_caps)
     return Edit(edit.specs, name, dict(params))
 
 
@@ -195,7 +217,7 @@ def run_method(ctx: MethodContext, name: str, *, selection: list[Example] | None
         if gated:
             points = [{**p, "gate_quantile": ec.gate_quantile} for p in points]
     out = run_sweep(ctx.model, ctx.cfg, points, lambda p: build_edit(ctx, name, p), selection=selection,
-                    unedited=unedited, base=ctx.base, heldout_sweep=not gated,
+                    unedited=unedited, base=ctx.base, heldout_sweep=ec.heldout_sweep and not gated,
                     pick=lambda sweep, base: choose(sweep, base, ec.accuracy_tolerance, ctx.cfg.eval.max_train_kl,
                                                     ec.stability_tolerance if ec.robust else None))
     flags = stable_points(out["sweep"], ec.stability_tolerance)

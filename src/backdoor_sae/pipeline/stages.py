@@ -98,11 +98,14 @@ def edit_stage(cfg: Config, model_dir: str | Path, sae_dir: str | Path,
     from backdoor_sae.edits.gates import check_quantile
     from backdoor_sae.methods.detection import detect, detection_store
     from backdoor_sae.methods.selection import selection_examples, selection_record
-    from backdoor_sae.methods.trigger_known import GATED, TRIGGER_KNOWN, build_edit, check_method, run_method
+    from backdoor_sae.methods.trigger_known import (GATED, RANKINGS, TRIGGER_KNOWN, build_edit, check_method,
+                                                    run_method)
 
-    bad = [r for r in cfg.edit.rankings if r not in ("attribution", "iterative")]
+    bad = [r for r in cfg.edit.rankings if r not in RANKINGS]
     if bad or not cfg.edit.rankings:
-        raise ValueError(f"unknown edit ranking {bad[0] if bad else None!r}; valid: attribution, iterative")
+        raise ValueError(f"unknown edit ranking {bad[0] if bad else None!r}; valid: {', '.join(RANKINGS)}")
+    if not 0.5 <= cfg.edit.min_auroc <= 1.0:
+        raise ValueError(f"edit.min_auroc must lie in [0.5, 1], got {cfg.edit.min_auroc}")
     for name in cfg.edit.methods:
         check_method(name)
     if not 0.0 <= cfg.edit.stability_tolerance <= 1.0:
