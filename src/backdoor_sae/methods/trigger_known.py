@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
+
 from backdoor_sae.baselines.directions import Directions, fit_directions
 from backdoor_sae.capture.store import ActivationStore
 from backdoor_sae.config import Config
