@@ -73,17 +73,15 @@ class MethodContext:
         """The ``n`` highest-ranked latents among ``hooks`` together (``by`` a FeatureScores ranking, or
         ``selective``: attribution among the latents whose train-split prompt AUROC is at least
         ``edit.min_auroc``, which may leave fewer than ``n``), by hook."""
-        if by == "selective":
-            floor = self.cfg.edit.min_auroc
-            ranked = sorted(((float(self.scores.stats[h]["attribution"][i]), h, i) for h in hooks
-                             for i in torch.nonzero(self.scores.stats[h]["auroc"] >= floor).flatten().tolist()),
-                            reverse=True)[:n]
-            if not ranked:
-                raise ValueError(f"no latent at {', '.join(hooks)} has a train-split AUROC >= {floor} "
-                                 "(edit.min_auroc): lower it or rank by attribution")
-        else:
-            ranked = sorted(((float(self.scores.stats[h][by][i]), h, i)
-                             for h in hooks for i in self.scores.latents(h, n, by)), reverse=True)[:n]
+        floor = self.cfg.edit.min_auroc
+        key = "attribution" if by == "selective" else by
+        pool = {h: torch.nonzero(self.scores.stats[h]["auroc"] >= floor).flatten().tolist() if by == "selective"
+                else self.scores.latents(h, n, by) for h in hooks}
+        ranked = sorted(((float(self.scores.stats[h][key][i]), h, i) for h in hooks for i in pool[h]),
+                        reverse=True)[:n]
+        if not ranked:
+            raise ValueError(f"no latent at {', '.join(hooks)} has a train-split AUROC >= {floor} "
+                             "(edit.min_auroc): lower it or rank by attribution")
         out: dict[str, list[int]] = {}
         for _, h, i in ranked:
             out.setdefault(h, []).append(i)
