@@ -90,6 +90,47 @@ def test_error_term_splice_is_exact(model, store, sae):
     assert torch.equal(after, clean)  # the hook is gone after the block
 
 
+def test_guarded_splice_leaves_high_norm_positions(model, store, sae):
+    """Positions whose residual norm exceeds ``max_norm`` keep the model's own activation; the others get the
+    plain splice's reconstruction, bit for bit."""
+    ids = store.sequences()[0].ids.unsqueeze(0)
+    seen: dict[str, torch.Tensor] = {}
+
+    def grab(name):
+        def fn(x, hook):
+            seen[name] = x.clone()
+        return fn
+
+    with torch.no_grad():
+        with model.hooked.hooks(fwd_hooks=[(HOOKS[0], grab("clean"))]):
+            model.bridge(ids)
+        norms = seen["clean"].norm(dim=-1)[0]
+        bound = float(norms.median())
+        high = norms > bound
+        assert high.any() and (~high).any()
+        for name, kw in (("plain", {}), ("guarded", {"max_norm": bound})):
+            with splice_sae(model, sae, **kw), model.hooked.hooks(fwd_hooks=[(HOOKS[0], grab(name))]):
+                model.bridge(ids)
+        clean = model.bridge(ids)
+        with splice_sae(model, sae, max_norm=float(norms.min()) / 2):  # every position above: no change
+            untouched = model.bridge(ids)
+    assert torch.equal(seen["guarded"][0, high], seen["clean"][0, high])
+    assert torch.equal(seen["guarded"][0, ~high], seen["plain"][0, ~high])
+    assert not torch.equal(seen["plain"][0, high], seen["clean"][0, high])
+    assert torch.equal(untouched, clean)
+
+
+def test_sae_metrics_guarded(model, store, sae):
+    loose = sae_metrics(sae, model, store, max_norm=1e9)  # no position above: the plain splice
+    assert loose["max_norm"] == 1e9
+    for tag in ("", "_triggered", "_clean"):
+        assert loose[f"ce_increase_guarded{tag}"] == pytest.approx(loose[f"ce_increase{tag}"], abs=1e-6)
+        assert loose[f"kl_guarded{tag}"] == pytest.approx(loose[f"kl{tag}"], abs=1e-6)
+    tight = sae_metrics(sae, model, store, max_norm=1e-6)  # every position above: nothing spliced
+    assert abs(tight["kl_guarded"]) < 1e-6 and abs(tight["ce_increase_guarded"]) < 1e-6
+    assert "ce_increase_guarded" not in sae_metrics(sae, model, store)
+
+
 def test_splice_removes_hook_on_error(model, store, sae):
     ids = store.sequences()[0].ids.unsqueeze(0)
     with torch.no_grad():

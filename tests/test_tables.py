@@ -98,6 +98,14 @@ def test_every_table_renders_and_the_reference_drops_bulk():
         render(r, "nope")
 
 
+def test_sae_table_shows_guarded_splice_only_when_measured():
+    r = _results()
+    assert "CE increase guarded" not in render(r, "sae")
+    r["sae"]["blocks.0.hook_resid_post"].update(ce_increase=0.3664, ce_increase_guarded=0.0812, kl_guarded=0.05)
+    out = render(r, "sae")
+    assert "CE increase guarded" in out and "0.0812" in out and "norm guard" in out
+
+
 def test_cli_tables(tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()

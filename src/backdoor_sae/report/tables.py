@@ -76,16 +76,21 @@ SAE_COLS = (("train_tokens", "train tokens", lambda v: dash(v, ",.0f")), ("train
             ("explained_variance_clean", "EV clean", f3), ("l0", "L0", lambda v: dash(v, ".1f")),
             ("dead_fraction", "dead", f3), ("ce_loss_recovered", "CE recovered", f4),
             ("ce_increase", "CE increase", f4), ("kl", "KL", f4), ("kl_with_error", "KL with error", f4))
+# shown when a run measured them: the splice under the edits' norm guard (docs/sae.md)
+GUARDED_COLS = (("ce_increase_guarded", "CE increase guarded", f4), ("kl_guarded", "KL guarded", f4))
 
 
 def sae_table(r: Results) -> str:
     """SAE fidelity per hook on held-out prompts (definitions: docs/sae.md)."""
     sae = r.get("sae", {})
     cfg = r.get("config", {}).get("sae", {})
-    rows = [[f"`{h}`", *(fn(m.get(k)) for k, _, fn in SAE_COLS)] for h, m in sae.items()]
+    cols = SAE_COLS + (GUARDED_COLS if any("ce_increase_guarded" in m for m in sae.values()) else ())
+    rows = [[f"`{h}`", *(fn(m.get(k)) for k, _, fn in cols)] for h, m in sae.items()]
     note = (f"\n\n{cfg.get('architecture', '?')}, {cfg.get('d_sae', '?')} latents, k {cfg.get('k', '?')}, "
             f"{cfg.get('n_train_tokens', 0):,} training activations per hook") if cfg else ""
-    return md_table(["hook", *(c for _, c, _ in SAE_COLS)], rows) + note
+    if len(cols) > len(SAE_COLS):
+        note += "; guarded: positions above the norm guard's bound (the training capture's largest norm) unspliced"
+    return md_table(["hook", *(c for _, c, _ in cols)], rows) + note
 
 
 def threat(name: str, rec: Mapping[str, Any]) -> str:

@@ -19,6 +19,7 @@ from backdoor_sae._batching import padded_batches
 from backdoor_sae._io import write_json
 from backdoor_sae.capture.activations import RESPONSE, ActivationStore, TokenSequence, capture_activations
 from backdoor_sae.config import Config
+from backdoor_sae.edits.gates import norm_cap
 from backdoor_sae.models import LoadedModel, load_model
 from backdoor_sae.sae.training import check_sae_fits, save_sae, splice_sae, train_sae_from_config
 
@@ -58,12 +59,16 @@ def _response_logp(model: LoadedModel, ids: Tensor, target: Tensor) -> Tensor:
 
 @torch.no_grad()
 def _ce_metrics(model: LoadedModel, sae: Any, hook: str, seqs: Sequence[TokenSequence],
-                batch_size: int) -> dict[str, Tensor]:
-    """Per response token: CE of the original, spliced, error-term and zero-ablated model, KL(original ||
-    spliced / error-term), and the index of its sequence. Right-padded batches (no mask needed); each batch
-    runs four times, so only one batch of log-probs is ever held."""
+                batch_size: int, max_norm: float | None = None) -> dict[str, Tensor]:
+    """Per response token: CE of the original, spliced, error-term and zero-ablated model (with ``max_norm``
+    also spliced under the norm guard), KL(original || spliced / error-term / guarded), and the index of its
+    sequence. Right-padded batches (no mask needed); each batch runs once per variant, so only one batch of
+    log-probs is ever held."""
     pad = model.tokenizer.pad_token_id or 0
-    variants = (("spliced", {}), ("error", {"error_term": True}), ("zero", {"zero": True}))
+    variants: tuple[tuple[str, dict[str, Any]], ...] = (("spliced", {}), ("error", {"error_term": True}),
+                                                        ("zero", {"zero": True}))
+    if max_norm is not None:
+        variants += (("guarded", {"max_norm": max_norm}),)
     out: dict[str, list[Tensor]] = {}
     for s, ids, _, (kinds,) in padded_batches([q.ids for q in seqs], pad, batch_size, [q.kinds for q in seqs]):
         target = kinds == RESPONSE
@@ -90,10 +95,13 @@ def _recovered(ce: dict[str, Tensor], m: Tensor) -> float:
 
 
 def sae_metrics(sae: Any, model: LoadedModel, store: ActivationStore, *, hook: str | None = None,
-                batch_size: int = 32) -> dict[str, float]:
+                batch_size: int = 32, max_norm: float | None = None) -> dict[str, float]:
     """Fidelity of one SAE on a (held-out) capture: explained variance, L0, dead fraction from the stored
     activations; CE loss recovered, CE increase and KL (without / with the error term) on response tokens from
-    running the model with the SAE spliced in. ``_triggered`` / ``_clean`` variants split by prompt."""
+    running the model with the SAE spliced in at every position. ``_triggered`` / ``_clean`` variants split by
+    prompt. With ``max_norm`` (the norm guard's bound, read from the *training* capture) also
+    ``ce_increase_guarded`` / ``kl_guarded``: the SAE spliced only where the edits would act, which is what an
+    edit's reconstruction costs on a host whose attention-sink position lies outside every capture."""
     hook = store._hook(hook or sae.cfg.metadata.hook_name)
     check_sae_fits(sae, model, hook)
     x = store.view(hook).float()
@@ -107,7 +115,7 @@ def sae_metrics(sae: Any, model: LoadedModel, store: ActivationStore, *, hook: s
             res[f"l0_{tag}"] = float(l0[m].mean())
             res[f"dead_fraction_{tag}"] = float(1 - fired_m.float().mean())
     seqs = store.sequences()
-    ce = _ce_metrics(model, sae, hook, seqs, batch_size)
+    ce = _ce_metrics(model, sae, hook, seqs, batch_size, max_norm)
     seq_trig = torch.tensor([q.triggered for q in seqs])[ce["owner"]]
     for tag, m in (("", torch.ones_like(seq_trig)), ("_triggered", seq_trig), ("_clean", ~seq_trig)):
         if not m.any():
@@ -119,6 +127,11 @@ def sae_metrics(sae: Any, model: LoadedModel, store: ActivationStore, *, hook: s
         res[f"ce_increase{tag}"] = res[f"ce_spliced{tag}"] - res[f"ce_original{tag}"]
         res[f"kl{tag}"] = float(ce["kl_spliced"][m].mean())
         res[f"kl_with_error{tag}"] = float(ce["kl_error"][m].mean())
+        if max_norm is not None:
+            res[f"ce_increase_guarded{tag}"] = float(ce["ce_guarded"][m].mean()) - res[f"ce_original{tag}"]
+            res[f"kl_guarded{tag}"] = float(ce["kl_guarded"][m].mean())
+    if max_norm is not None:
+        res["max_norm"] = max_norm
     return {k: (round(v, 6) + 0.0 if math.isfinite(v) else v) for k, v in res.items()}  # + 0.0: no -0.0
 
 
@@ -166,8 +179,10 @@ def sae_stage(cfg: Config, organism_root: str | Path, out_dir: str | Path, model
         timings["train"] += seconds
         t = time.perf_counter()
         # what it was trained on: activations drawn (with repeats when the capture holds fewer) and distinct rows
+        bound = norm_cap(train_store, hook) if cfg.edit.norm_guard else None
         results[hook] = {"train_tokens": float(sc.n_train_tokens), "train_rows": float(train_store.n_rows),
-                         "train_seconds": round(seconds, 2), **sae_metrics(sae, lm, eval_store, hook=hook)}
+                         "train_seconds": round(seconds, 2),
+                         **sae_metrics(sae, lm, eval_store, hook=hook, max_norm=bound)}
         timings["metrics"] += time.perf_counter() - t
     timings = {k: round(v, 2) for k, v in timings.items()}
     record = {"sae": results, "timings": timings}

@@ -256,18 +256,24 @@ def hook_width(model: LoadedModel, hook: str) -> int:
 
 @contextmanager
 def splice_sae(model: LoadedModel, sae: Any, hook: str | None = None, *, error_term: bool = False,
-               zero: bool = False) -> Iterator[None]:
+               zero: bool = False, max_norm: float | None = None) -> Iterator[None]:
     """Within the block, the hook's activation is replaced by the SAE reconstruction (``error_term``: plus
     the reconstruction error, which leaves the model's output unchanged; ``zero``: by zeros, the ablation
-    baseline). The hook is removed on exit, also on error."""
+    baseline). With ``max_norm``, positions whose norm exceeds it keep their activation (the edits' norm guard,
+    e.g. a host's attention-sink first position, which no SAE was trained on). The hook is removed on exit,
+    also on error."""
     hook = hook or sae.cfg.metadata.hook_name
     check_hooks(model, [hook])
 
     def fn(x: Float[Tensor, "batch pos d_in"], hook: Any) -> Float[Tensor, "batch pos d_in"]:
         if zero:
-            return torch.zeros_like(x)
-        x_hat = sae.decode(sae.encode(x))
-        return x_hat + (x - x_hat) if error_term else x_hat
+            out = torch.zeros_like(x)
+        else:
+            x_hat = sae.decode(sae.encode(x))
+            out = x_hat + (x - x_hat) if error_term else x_hat
+        if max_norm is not None:
+            out = torch.where(x.norm(dim=-1, keepdim=True) > max_norm, x, out)
+        return out
 
     with model.hooked.hooks(fwd_hooks=[(hook, fn)]):
         yield
